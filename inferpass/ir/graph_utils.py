@@ -1,0 +1,116 @@
+"""Small, exact helpers over exported graphs: module scopes, alias look-through, signature refresh."""
+
+from __future__ import annotations
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+from torch.fx import Node
+
+aten = torch.ops.aten
+
+# Ops that return their input's value unchanged when dtype/device/shape do not change.
+_ALIAS_TARGETS = {
+    aten.alias.default,
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten.to.device,
+    aten._to_copy.default,
+    aten.clone.default,
+    aten.detach.default,
+    aten.contiguous.default,
+}
+LINEAR_TARGETS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
+WRAPPER_ATTR = "model"
+
+
+def fake_value(node: Node):
+    """The node's fake-tensor value (``meta['val']``), or None."""
+    return node.meta.get("val") if isinstance(node, Node) else None
+
+
+def is_noop_alias(node: Node) -> bool:
+    """True for ``alias``/``to``/``clone``-like nodes whose output equals their input exactly."""
+    if node.op != "call_function" or node.target not in _ALIAS_TARGETS or not node.args:
+        return False
+    src, out = fake_value(node.args[0]), fake_value(node)
+    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return False
+    return src.dtype == out.dtype and src.device == out.device and src.shape == out.shape
+
+
+def skip_aliases(node):
+    """Follow no-op alias nodes back to the value they alias."""
+    while isinstance(node, Node) and is_noop_alias(node):
+        node = node.args[0]
+    return node
+
+
+def module_scopes(node: Node) -> list[tuple[str, str]]:
+    """The node's module stack as (path, class name), outermost first, wrapper prefix removed."""
+    stack = node.meta.get("nn_module_stack") or {}
+    scopes = []
+    for path, type_name in stack.values():
+        if not path or path == WRAPPER_ATTR:
+            continue
+        if path.startswith(WRAPPER_ATTR + "."):
+            path = path[len(WRAPPER_ATTR) + 1 :]
+        cls = type_name.rsplit(".", 1)[-1] if isinstance(type_name, str) else getattr(type_name, "__name__", "")
+        scopes.append((path, cls))
+    return scopes
+
+
+def in_scope(node: Node, path: str) -> bool:
+    """True when ``node`` was produced inside module ``path`` (or a submodule of it)."""
+    return any(p == path for p, _ in module_scopes(node))
+
+
+def user_inputs(ep: ExportedProgram) -> list[Node]:
+    """Placeholders of the user inputs, in signature order."""
+    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    by_name = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    return [by_name[n] for n in names]
+
+
+def output_values(ep: ExportedProgram) -> list[Node]:
+    """The graph's output values, in signature order."""
+    out = next(n for n in reversed(ep.graph.nodes) if n.op == "output")
+    return list(out.args[0])
+
+
+def refresh(ep: ExportedProgram) -> ExportedProgram:
+    """Rebuild ``ep`` after in-place graph edits: drop specs (and weights) whose placeholders are gone.
+
+    Exact: the graph is unchanged; only the signature, state dict and constants follow it.
+    """
+    gm = ep.graph_module
+    gm.graph.lint()
+    gm.recompile()
+    present = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+    sig = ep.graph_signature
+    input_specs = [s for s in sig.input_specs if getattr(s.arg, "name", None) in present]
+    targets = {s.target for s in input_specs if s.target is not None}
+    state_dict = {k: v for k, v in ep.state_dict.items() if k in targets}
+    constants = {k: v for k, v in ep.constants.items() if k in targets}
+    new_sig = type(sig)(input_specs=input_specs, output_specs=list(sig.output_specs))
+    return ExportedProgram(
+        root=gm,
+        graph=gm.graph,
+        graph_signature=new_sig,
+        state_dict=state_dict,
+        range_constraints=ep.range_constraints,
+        module_call_graph=ep.module_call_graph,
+        example_inputs=ep.example_inputs,
+        constants=constants,
+        verifiers=ep.verifiers,
+    )
+
+
+def parameter_placeholders(ep: ExportedProgram) -> dict[str, Node]:
+    """Map weight FQN -> placeholder node, for parameters, buffers and lifted constants."""
+    by_name = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    return {
+        s.target: by_name[s.arg.name]
+        for s in ep.graph_signature.input_specs
+        if s.kind != InputKind.USER_INPUT and s.target is not None and s.arg.name in by_name
+    }
