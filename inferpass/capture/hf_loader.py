@@ -14,7 +14,11 @@ from transformers import (
     PreTrainedModel,
 )
 
+from transformers.utils import logging as hf_logging
+
 from inferpass.errors import ModelLoadError, UnsupportedModelError
+
+hf_logging.disable_progress_bar()
 
 DECODER_FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
 ENCODER_FAMILIES = {"vit": AutoModelForImageClassification, "bert": AutoModelForSequenceClassification}

@@ -13,6 +13,7 @@ outputs, described by a ``CacheLayout`` so the runtime can allocate them and a p
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -108,9 +109,11 @@ class Program:
     def clone(self) -> "Program":
         """Copy graphs and metadata; weight and constant tensors are shared, not copied."""
         graphs = {}
-        for name, ep in self.graphs.items():
-            memo = {id(t): t for t in list(ep.state_dict.values()) + list(ep.constants.values())}
-            graphs[name] = copy.deepcopy(ep, memo)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
+            for name, ep in self.graphs.items():
+                memo = {id(t): t for t in list(ep.state_dict.values()) + list(ep.constants.values())}
+                graphs[name] = copy.deepcopy(ep, memo)
         return Program(
             info=self.info.model_copy(deep=True),
             graphs=graphs,

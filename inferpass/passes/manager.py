@@ -1,0 +1,149 @@
+"""``PassManager``: run a pipeline with verification after every pass and instruments around it.
+
+After every pass the verifier checks the program (``ir.verify``); in debug mode an
+exact pass's output is also compared numerically with its input on seeded example
+inputs. Any failure raises ``PassFailure`` whose message carries the repro command.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inferpass.errors import InferpassError, VerificationError
+from inferpass.ir.examples import example_inputs
+from inferpass.ir.program import Program
+from inferpass.ir.verify import verify_program
+from inferpass.passes.base import Pass
+from inferpass.passes.instruments import Instrument, IRDump, ReproOnFailure
+from inferpass.passes.pipeline import Pipeline
+
+EXACT_RTOL = 1e-5
+EXACT_ATOL = 1e-5
+
+
+class PassFailure(InferpassError):
+    """A pass raised, or its output failed verification; ``bundle`` is the repro folder if one was written."""
+
+    def __init__(self, message: str, bundle: Path | None = None):
+        super().__init__(message)
+        self.bundle = bundle
+
+
+@dataclass
+class PassRecord:
+    """What one pass did, for ``--explain`` and the manifest."""
+
+    spec: str
+    exact: bool
+    seconds: float
+    changed: bool
+    stats: dict[str, Any]
+    nodes_delta: int
+    parameters_delta: int
+    cache_bytes_delta: int
+
+
+@dataclass
+class PipelineRun:
+    """The optimized program and one record per pass."""
+
+    program: Program
+    records: list[PassRecord] = field(default_factory=list)
+
+
+def cache_bytes(program: Program, batch: int = 1) -> int:
+    """KV-cache bytes of ``program`` for ``batch`` sequences at full length (0 for encoders)."""
+    return program.cache.nbytes(batch) if program.cache else 0
+
+
+def check_numerics(before: Program, after: Program, seed: int) -> None:
+    """Raise ``VerificationError`` unless every graph of ``after`` matches ``before`` on seeded inputs."""
+    for name, ep in before.graphs.items():
+        if name not in after.graphs:
+            raise VerificationError(f"graph '{name}' disappeared")
+        inputs = example_inputs(before, name, seed=seed)
+        with torch.no_grad():
+            want = ep.module()(*inputs)
+            got = after.graphs[name].module()(*inputs)
+        want, got = (w if isinstance(w, (tuple, list)) else (w,) for w in (want, got))
+        for i, (w, g) in enumerate(zip(want, got)):
+            if w.shape != g.shape or not torch.allclose(w, g, rtol=EXACT_RTOL, atol=EXACT_ATOL):
+                diff = (w - g).abs().max().item() if w.shape == g.shape else f"shape {tuple(g.shape)} vs {tuple(w.shape)}"
+                raise VerificationError(f"graph '{name}' output {i} changed (max abs diff {diff}) under an exact pass")
+
+
+class PassManager:
+    """Runs a ``Pipeline`` over a ``Program``.
+
+    verify: run the verifier after every pass (on by default).
+    debug: also compare exact passes numerically with their input.
+    dump_dir: write IR dumps per stage. repro_dir: where repro bundles go (a temp dir if None).
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        verify: bool = True,
+        debug: bool = False,
+        dump_dir: str | Path | None = None,
+        repro_dir: str | Path | None = None,
+        seed: int = 0,
+        instruments: list[Instrument] | None = None,
+    ):
+        self.pipeline = pipeline
+        self.verify = verify
+        self.debug = debug
+        self.seed = seed
+        self.repro = ReproOnFailure(repro_dir, pipeline.to_string(), seed, debug)
+        self.instruments: list[Instrument] = [self.repro, *(instruments or [])]
+        if dump_dir is not None:
+            self.instruments.append(IRDump(dump_dir))
+
+    def _run_one(self, pass_: Pass, program: Program) -> Any:
+        working = program.clone()
+        torch.manual_seed(self.seed)
+        result = pass_.run(working)
+        result.program.applied.append(pass_.spec())
+        if self.verify:
+            verify_program(result.program)
+        if self.debug and pass_.exact:
+            check_numerics(program, result.program, self.seed)
+        return result
+
+    def run(self, program: Program) -> PipelineRun:
+        """Apply every pass in order; return the final program and per-pass records."""
+        for inst in self.instruments:
+            inst.before_pipeline(program)
+        run = PipelineRun(program)
+        for index, pass_ in enumerate(self.pipeline.passes):
+            start = time.perf_counter()
+            try:
+                result = self._run_one(pass_, run.program)
+            except Exception as exc:  # any failure, including bugs in the pass, gets a repro
+                lines = [line for inst in self.instruments if (line := inst.on_failure(index, pass_, run.program, exc))]
+                message = f"pass '{pass_.spec()}' failed: {type(exc).__name__}: {exc}"
+                raise PassFailure("\n".join([message, *lines]), self.repro.bundle) from exc
+            seconds = time.perf_counter() - start
+            before, after = run.program, result.program
+            run.records.append(
+                PassRecord(
+                    spec=pass_.spec(),
+                    exact=pass_.exact,
+                    seconds=seconds,
+                    changed=result.changed,
+                    stats=result.stats,
+                    nodes_delta=after.node_count() - before.node_count(),
+                    parameters_delta=after.parameter_count() - before.parameter_count(),
+                    cache_bytes_delta=cache_bytes(after) - cache_bytes(before),
+                )
+            )
+            for inst in self.instruments:
+                inst.after_pass(index, pass_, result, seconds)
+            run.program = after
+        return run

@@ -1,0 +1,28 @@
+"""Load user plugins (modules that register passes) by module name or by file path."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from inferpass.errors import PipelineError
+
+
+def load_plugin(module: str, file: str | None = None) -> ModuleType:
+    """Import ``module`` (already imported modules are reused); fall back to loading ``file`` directly."""
+    if module in sys.modules:
+        return sys.modules[module]
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        path = Path(file or module)
+        if not path.is_file():
+            raise PipelineError(f"cannot import plugin '{module}': {exc}") from exc
+    spec = importlib.util.spec_from_file_location(module, path)
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[module] = loaded
+    spec.loader.exec_module(loaded)
+    return loaded

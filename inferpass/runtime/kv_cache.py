@@ -1,0 +1,47 @@
+"""The runtime-owned KV cache: tensors allocated from a Program's ``CacheLayout``, replaced after each step."""
+
+from __future__ import annotations
+
+import torch
+
+from inferpass.errors import InferpassError
+from inferpass.ir.program import CacheLayout
+
+
+class KVCache:
+    """Cache tensors for ``batch`` sequences plus each row's written length.
+
+    The graphs are functional: each step returns written caches, which ``advance``
+    installs as the current state.
+    """
+
+    def __init__(self, layout: CacheLayout, batch: int, device: torch.device | str = "cpu"):
+        self.layout = layout
+        self.tensors = layout.allocate(batch, device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @property
+    def batch(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def reserve(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Start positions for writing ``tokens[b]`` more tokens per row; raises when a row would overflow."""
+        end = self.lengths + tokens
+        if int(end.max()) > self.layout.max_len:
+            row = int(end.argmax())
+            raise InferpassError(
+                f"row {row} needs {int(end[row])} cache positions but the program was captured with "
+                f"max_len={self.layout.max_len} (capture again with a larger --max-len)"
+            )
+        return self.lengths.clone()
+
+    def advance(self, written: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> None:
+        """Install the caches a step returned and grow each row's length by ``tokens[b]``."""
+        if len(written) != len(self.tensors):
+            raise InferpassError(f"step returned {len(written)} cache tensors, layout has {len(self.tensors)}")
+        self.tensors = list(written)
+        self.lengths = self.lengths + tokens
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors)

@@ -1,0 +1,56 @@
+"""Targets: lower a Program to something that runs. One interface for every target.
+
+``Target.compile(program)`` returns an ``Executable`` whose ``run(graph, *inputs)``
+takes and returns tensors exactly as the graph's signature says — the runtime calls
+prefill/decode and passes cache tensors the same way whatever the target.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from inferpass.errors import TargetError
+from inferpass.ir.program import Program
+
+
+class Executable(ABC):
+    """A compiled program: ``run(graph, *inputs)`` returns the graph's outputs as a tuple."""
+
+    def __init__(self, program: Program):
+        self.program = program
+
+    @abstractmethod
+    def run(self, graph: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run graph ``graph`` on ``inputs``."""
+
+
+class Target(ABC):
+    """A place programs run; ``name`` is what ``--target`` accepts."""
+
+    name: str
+
+    @abstractmethod
+    def compile(self, program: Program) -> Executable:
+        """Lower ``program``; raise ``TargetError`` naming any op or dtype the target cannot run."""
+
+
+_TARGETS: dict[str, type[Target]] = {}
+
+
+def register_target(cls: type[Target]) -> type[Target]:
+    """Class decorator adding ``cls`` to the target registry under ``cls.name``."""
+    _TARGETS[cls.name] = cls
+    return cls
+
+
+def get_target(name: str) -> Target:
+    """A target instance by name; unknown names raise naming the known targets."""
+    if name not in _TARGETS:
+        raise TargetError(f"unknown target '{name}'; available: {', '.join(sorted(_TARGETS))}")
+    return _TARGETS[name]()
+
+
+def target_names() -> list[str]:
+    return sorted(_TARGETS)
