@@ -12,7 +12,9 @@ from inferpass.errors import PipelineError
 
 
 def load_plugin(module: str, file: str | None = None) -> ModuleType:
-    """Import ``module`` (already imported modules are reused); fall back to loading ``file`` directly."""
+    """Import ``module`` (a module name or a ``.py`` path; imported modules are reused), else load ``file``."""
+    if module.endswith(".py"):
+        module, file = Path(module).stem, module
     if module in sys.modules:
         return sys.modules[module]
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
@@ -79,7 +81,8 @@ def output_values(ep: ExportedProgram) -> list[Node]:
 
 
 def refresh(ep: ExportedProgram) -> ExportedProgram:
-    """Rebuild ``ep`` after in-place graph edits: drop specs (and weights) whose placeholders are gone.
+    """Rebuild ``ep`` after in-place graph edits: drop specs (and weights) whose placeholders are gone,
+    and point output specs at the graph's current output values.
 
     Exact: the graph is unchanged; only the signature, state dict and constants follow it.
     """
@@ -92,7 +95,14 @@ def refresh(ep: ExportedProgram) -> ExportedProgram:
     targets = {s.target for s in input_specs if s.target is not None}
     state_dict = {k: v for k, v in ep.state_dict.items() if k in targets}
     constants = {k: v for k, v in ep.constants.items() if k in targets}
-    new_sig = type(sig)(input_specs=input_specs, output_specs=list(sig.output_specs))
+    outputs = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    output_specs = [
+        dataclasses.replace(spec, arg=dataclasses.replace(spec.arg, name=value.name))
+        if isinstance(value, Node) and hasattr(spec.arg, "name")
+        else spec
+        for spec, value in zip(sig.output_specs, outputs)
+    ]
+    new_sig = type(sig)(input_specs=input_specs, output_specs=output_specs)
     return ExportedProgram(
         root=gm,
         graph=gm.graph,

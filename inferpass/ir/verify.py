@@ -30,14 +30,22 @@ def _shape_str(val) -> str:
     return "x".join(str(d) for d in val.shape)
 
 
+def _returns(node) -> bool:
+    """False for ops whose schema returns nothing (asserts): they carry no value metadata."""
+    schema = getattr(node.target, "_schema", None)
+    return schema is None or bool(schema.returns)
+
+
 def _check_fake_metadata(name: str, ep) -> None:
     gm = ep.graph_module
-    missing = [n.name for n in gm.graph.nodes if n.op in ("placeholder", "call_function") and "val" not in n.meta]
+    missing = [
+        n.name for n in gm.graph.nodes if n.op in ("placeholder", "call_function") and "val" not in n.meta and _returns(n)
+    ]
     if missing:
         raise VerificationError(f"graph '{name}': nodes without fake-tensor metadata (meta['val']): {missing[:8]}")
     placeholders = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
     mode = detect_fake_mode(placeholders)
-    stored = {n: n.meta["val"] for n in gm.graph.nodes if n.op == "call_function"}
+    stored = {n: n.meta["val"] for n in gm.graph.nodes if n.op == "call_function" and "val" in n.meta}
     try:
         FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*placeholders)
     except Exception as exc:
