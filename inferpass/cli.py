@@ -154,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             from inferpass.repro import reproduce
 
             message = reproduce(args.repro)
-            err_console.print(f"reproduced: {message}")
+            err_console.print(f"reproduced: {message}", soft_wrap=True)
             return 1
         return optimize(args)
     except (InferpassError, FileExistsError) as exc:
-        err_console.print(f"error: {exc}")
+        err_console.print(f"error: {exc}", soft_wrap=True)
         return 2
 
 
