@@ -17,6 +17,12 @@ def load_plugin(module: str, file: str | None = None) -> ModuleType:
         module, file = Path(module).stem, module
     if module in sys.modules:
         return sys.modules[module]
+    if file is not None:
+        wanted = Path(file).resolve()
+        for loaded in list(sys.modules.values()):
+            origin = getattr(loaded, "__file__", None)
+            if origin and Path(origin).resolve() == wanted:
+                return loaded  # the same file already imported under another name
     try:
         return importlib.import_module(module)
     except ImportError as exc:

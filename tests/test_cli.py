@@ -140,3 +140,7 @@ def test_no_model_dir_without_default_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "missing-default")
     assert main(["--out", str(tmp_path / "out")]) == 2
     assert "embedded default model is not installed" in capsys.readouterr().err
+
+
+def test_unknown_target(model_dir, tmp_path, capsys):
+    _fails([str(model_dir), "--target", "tpu"], capsys, "unknown target 'tpu'; available: eager", tmp_path / "out")

@@ -61,15 +61,5 @@ def capture_decoder(model: PreTrainedModel, max_len: int | None = None, source: 
             (prefill_ids[:, :1], start + example_len, *caches),
             dynamic_shapes=({0: batch}, {0: batch}, cache_dims),
         )
-    config = model.config
-    info = ModelInfo(
-        kind="decoder",
-        family=config.model_type,
-        architecture=type(model).__name__,
-        num_layers=config.num_hidden_layers,
-        hidden_size=config.hidden_size,
-        vocab_size=config.vocab_size,
-        source=source,
-        hf_config=config.to_dict(),
-    )
+    info = ModelInfo.from_hf(model, "decoder", source)
     return Program(info=info, graphs={"prefill": prefill, "decode": decode}, cache=layout)

@@ -57,15 +57,5 @@ def capture_encoder(model: PreTrainedModel, source: str | None = None) -> Progra
         dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq})
     with torch.no_grad():
         ep = torch.export.export(wrapper.eval(), example_inputs(model), dynamic_shapes=dynamic)
-    info = ModelInfo(
-        kind="encoder",
-        family=config.model_type,
-        architecture=type(model).__name__,
-        num_layers=config.num_hidden_layers,
-        hidden_size=config.hidden_size,
-        vocab_size=getattr(config, "vocab_size", None),
-        num_labels=config.num_labels,
-        source=source,
-        hf_config=config.to_dict(),
-    )
+    info = ModelInfo.from_hf(model, "encoder", source)
     return Program(info=info, graphs={"forward": ep})

@@ -88,6 +88,22 @@ class ModelInfo(BaseModel):
     source: str | None = None
     hf_config: dict = {}
 
+    @classmethod
+    def from_hf(cls, model, kind: str, source: str | None) -> "ModelInfo":
+        """Info read off a transformers ``PreTrainedModel``."""
+        config = model.config
+        return cls(
+            kind=kind,
+            family=config.model_type,
+            architecture=type(model).__name__,
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            vocab_size=getattr(config, "vocab_size", None),
+            num_labels=config.num_labels if kind == "encoder" else None,
+            source=source,
+            hf_config=config.to_dict(),
+        )
+
 
 @dataclass
 class Program:
