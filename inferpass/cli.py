@@ -12,7 +12,6 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from inferpass import passes as _passes  # registers built-in passes
 from inferpass.capture import capture
 from inferpass.errors import InferpassError
 from inferpass.ir.examples import example_inputs

@@ -32,6 +32,9 @@ def test_decoder_structure_is_complete(family, data):
             assert sorted(site.cache_writes) == [f"k{block.index}", f"v{block.index}"]
             assert len(block.residual_adds) == 2 and block.output is block.residual_adds[-1]
             assert block.mlp is not None and block.mlp.output in block.mlp.nodes
+        assert all(structure.block(b.index) is b for b in structure.blocks)
+        with pytest.raises(KeyError, match="no block 99"):
+            structure.block(99)
         for prev, nxt in zip(structure.blocks, structure.blocks[1:]):
             assert nxt.input is prev.output
         assert structure.head.target in LINEAR_TARGETS

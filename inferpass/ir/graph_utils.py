@@ -115,12 +115,3 @@ def refresh(ep: ExportedProgram) -> ExportedProgram:
         verifiers=ep.verifiers,
     )
 
-
-def parameter_placeholders(ep: ExportedProgram) -> dict[str, Node]:
-    """Map weight FQN -> placeholder node, for parameters, buffers and lifted constants."""
-    by_name = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
-    return {
-        s.target: by_name[s.arg.name]
-        for s in ep.graph_signature.input_specs
-        if s.kind != InputKind.USER_INPUT and s.target is not None and s.arg.name in by_name
-    }

@@ -69,10 +69,6 @@ class CacheLayout(BaseModel):
         """Total cache bytes for ``batch`` sequences."""
         return sum(t.nbytes(batch) for t in self.tensors)
 
-    def layers(self) -> list[int]:
-        """Sorted distinct layer indices that own cache tensors."""
-        return sorted({t.layer for t in self.tensors})
-
 
 class ModelInfo(BaseModel):
     """What was captured: family, architecture and the sizes passes and the runtime need."""

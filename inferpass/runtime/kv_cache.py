@@ -41,7 +41,3 @@ class KVCache:
             raise InferpassError(f"step returned {len(written)} cache tensors, layout has {len(self.tensors)}")
         self.tensors = list(written)
         self.lengths = self.lengths + tokens
-
-    def nbytes(self) -> int:
-        """Bytes held by the cache tensors."""
-        return sum(t.numel() * t.element_size() for t in self.tensors)
