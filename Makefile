@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
-ARGS ?=
+ARGS ?= --out build/default-lm.inferpass --force
 
 .PHONY: run test clean
 

@@ -13,16 +13,19 @@ from rich.console import Console
 from rich.table import Table
 
 from inferpass.capture import capture
+from inferpass.eval.digits import DIGITS_FILE, IMAGE_SIZE, load_digits
+from inferpass.eval.report import Report, compare_decoders, compare_encoders, prompts_from_text, random_prompts
 from inferpass.errors import InferpassError
 from inferpass.ir.examples import example_inputs
-from inferpass.ir.program import Program
 from inferpass.ir.serialize import save_program
 from inferpass.passes import PassManager, Pipeline, PipelineRun, registered_passes
 from inferpass.plugins import load_plugin
-from inferpass.targets import get_target, target_names
+from inferpass.targets import Executable, get_target, target_names
 
 DEFAULT_PIPELINE = "dce,cse,drop-unused-params"
-DEFAULT_MODEL = Path(__file__).parent / "models" / "default-lm"
+MODELS = Path(__file__).parent / "models"
+DEFAULT_MODEL = MODELS / "default-lm"
+HELDOUT_TEXT = MODELS / "shakespeare-heldout.txt"
 
 console = Console(highlight=False, width=140)
 err_console = Console(stderr=True, highlight=False, width=140)
@@ -46,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repro", metavar="BUNDLE", help="re-run the failing pass recorded in a repro bundle")
     p.add_argument("--debug", action="store_true", help="also check exact passes numerically after each pass")
     p.add_argument("--plugin", action="append", default=[], help="import a module that registers passes")
+    p.add_argument("--no-eval", action="store_true", help="skip the baseline-vs-optimized quality/speed report")
+    p.add_argument("--eval-text", help="text for bits/byte (byte-level LMs; default: the shipped held-out text)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt in the report")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
@@ -90,16 +96,32 @@ def explain(run: PipelineRun) -> None:
     console.print(table)
 
 
-def compare(reference: Program, optimized: Program, target: str, seed: int) -> dict[str, float]:
-    """Max |output difference| per graph between the captured and optimized programs on seeded inputs."""
-    ref_exec = get_target("eager").compile(reference)
-    opt_exec = get_target(target).compile(optimized)
+def output_diffs(baseline: Executable, optimized: Executable, seed: int) -> dict[str, float]:
+    """Max |first-output difference| per graph between two executables on seeded example inputs."""
     diffs = {}
-    for name in reference.graphs:
-        inputs = example_inputs(reference, name, seed=seed)
-        want, got = ref_exec.run(name, *inputs), opt_exec.run(name, *inputs)
+    for name in baseline.program.graphs:
+        inputs = example_inputs(baseline.program, name, seed=seed)
+        want, got = baseline.run(name, *inputs), optimized.run(name, *inputs)
         diffs[name] = float((want[0].float() - got[0].float()).abs().max())
     return diffs
+
+
+def evaluate(baseline: Executable, optimized: Executable, args: argparse.Namespace) -> Report:
+    """The side-by-side report: decoders on held-out text and prompts, encoders on their test data."""
+    info = baseline.program.info
+    if info.kind == "encoder":
+        if info.family == "vit" and info.hf_config.get("image_size") == IMAGE_SIZE and DIGITS_FILE.is_file():
+            inputs, labels = load_digits("test")
+        else:
+            inputs, labels = example_inputs(baseline.program, "forward", batch=16, seed=args.seed)[0], None
+        return compare_encoders(baseline, optimized, inputs, labels)
+    text_path = Path(args.eval_text) if args.eval_text else HELDOUT_TEXT
+    byte_level = info.vocab_size == 256 and text_path.is_file()
+    context = min(1024, baseline.program.cache.max_len)
+    text = text_path.read_bytes() if byte_level else None
+    prompts = prompts_from_text(text) if text else random_prompts(info.vocab_size, seed=args.seed)
+    new_tokens = min(args.new_tokens, baseline.program.cache.max_len - max(len(p) for p in prompts))
+    return compare_decoders(baseline, optimized, prompts=prompts, new_tokens=new_tokens, text=text, context=context)
 
 
 def optimize(args: argparse.Namespace) -> int:
@@ -124,15 +146,24 @@ def optimize(args: argparse.Namespace) -> int:
         run = manager.run(program)
     if args.explain or args.verbose:
         explain(run)
-    with console.status(f"checking on target {target.name} ..."):
-        diffs = compare(program, run.program, target.name, args.seed)
-    console.print("max |logit difference| vs captured model: " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
+    baseline, optimized = get_target("eager").compile(program), target.compile(run.program)
+    diffs = output_diffs(baseline, optimized, args.seed)
+    console.print("max |output difference| vs captured model: " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
+    report = None
+    if not args.no_eval:
+        with console.status("measuring baseline and optimized side by side ..."):
+            report = evaluate(baseline, optimized, args)
+        console.print(report.table(f"{program.info.architecture}: captured (eager) vs optimized ({target.name})"))
     extra = {
         "pipeline": pipeline.to_string(),
         "pass_configs": [{"name": p.name, "config": p.config.model_dump(mode="json")} for p in pipeline.passes],
         "target": target.name,
         "records": [r.__dict__ for r in run.records],
-        "report": {"max_abs_output_diff": diffs, "capture_seconds": capture_s},
+        "report": {
+            "max_abs_output_diff": diffs,
+            "capture_seconds": capture_s,
+            "metrics": report.to_dict() if report else None,
+        },
     }
     save_program(run.program, out, extra=extra, overwrite=args.force)
     console.print(f"wrote {out}")

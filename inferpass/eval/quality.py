@@ -1,0 +1,52 @@
+"""Quality measures that run through a compiled Program (so they see what passes did)."""
+
+from __future__ import annotations
+
+import torch
+
+from inferpass.eval.bits_per_byte import bits_per_byte
+from inferpass.runtime.generator import Generator
+from inferpass.targets.base import Executable
+
+
+def program_bits_per_byte(executable: Executable, data: bytes, *, context: int = 1024, batch: int = 4) -> float:
+    """Bits per byte of a byte-level decoder program on ``data``, scored with its ``prefill`` graph.
+
+    Windows of ``context`` bytes, non-overlapping (each byte sees 0..context-1 bytes of left context).
+    """
+    program = executable.program
+    if program.info.vocab_size != 256:
+        raise ValueError(f"bits per byte needs a byte-level model (vocab 256), got vocab {program.info.vocab_size}")
+    if program.cache.max_len < context:
+        raise ValueError(f"context {context} exceeds the program's max_len {program.cache.max_len}")
+
+    def logits(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        start = torch.zeros(ids.shape[0], dtype=torch.long)
+        return {"model": executable.run("prefill", ids, start, *program.cache.allocate(ids.shape[0]))[0]}
+
+    return bits_per_byte(logits, data, context=context, stride=context, batch=batch)["model"]
+
+
+def greedy_agreement(
+    baseline: Executable, candidate: Executable, prompts: list[list[int]], new_tokens: int
+) -> float:
+    """Mean fraction of ``new_tokens`` greedy tokens the candidate generates identically to the baseline
+    before the first divergence (1.0 = identical continuations for every prompt)."""
+    want = Generator(baseline).generate(prompts, new_tokens).tokens
+    got = Generator(candidate).generate(prompts, new_tokens).tokens
+    fractions = []
+    for w, g in zip(want, got):
+        same = 0
+        while same < min(len(w), len(g)) and w[same] == g[same]:
+            same += 1
+        fractions.append(same / len(w))
+    return sum(fractions) / len(fractions)
+
+
+def accuracy(executable: Executable, inputs: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> float:
+    """Top-1 accuracy of an encoder classifier program (one-input ``forward`` graph)."""
+    correct = 0
+    for i in range(0, len(inputs), batch):
+        (logits,) = executable.run("forward", inputs[i : i + batch])
+        correct += int((logits.argmax(-1) == labels[i : i + batch]).sum())
+    return correct / len(inputs)

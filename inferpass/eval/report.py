@@ -1,0 +1,120 @@
+"""Baseline vs optimized, side by side in one process: quality, speed and memory, with ratios."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from rich.table import Table
+
+from inferpass.eval.quality import accuracy, greedy_agreement, program_bits_per_byte
+from inferpass.eval.speed import decoder_speed, encoder_speed
+from inferpass.targets.base import Executable
+
+
+@dataclass
+class Row:
+    """One metric for both programs. ``better`` is ``lower`` or ``higher``."""
+
+    metric: str
+    baseline: float | None
+    optimized: float | None
+    better: str
+    fmt: str = "{:.4g}"
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline in (None, 0) or self.optimized is None:
+            return None
+        return self.optimized / self.baseline
+
+
+@dataclass
+class Report:
+    """Rows of metrics; ``table()`` renders them, ``to_dict()`` goes into the manifest."""
+
+    rows: list[Row]
+
+    def table(self, title: str = "baseline vs optimized") -> Table:
+        table = Table(title=title)
+        for col in ("metric", "baseline", "optimized", "optimized / baseline", "better"):
+            table.add_column(col, justify="left" if col == "metric" else "right")
+        for row in self.rows:
+            show = lambda v: "-" if v is None else row.fmt.format(v)  # noqa: E731
+            table.add_row(row.metric, show(row.baseline), show(row.optimized),
+                          "-" if row.ratio is None else f"{row.ratio:.3f}×", row.better)
+        return table
+
+    def to_dict(self) -> dict:
+        return {row.metric: {**asdict(row), "ratio": row.ratio} for row in self.rows}
+
+    def value(self, metric: str) -> Row:
+        return next(r for r in self.rows if r.metric == metric)
+
+
+def prompts_from_text(text: bytes, count: int = 8, length: int = 64) -> list[list[int]]:
+    """``count`` byte prompts of ``length`` bytes at evenly spaced offsets of ``text`` (deterministic)."""
+    step = max(1, (len(text) - length) // count)
+    return [list(text[i * step : i * step + length]) for i in range(count)]
+
+
+def random_prompts(vocab: int, count: int = 8, length: int = 16, seed: int = 0) -> list[list[int]]:
+    """Seeded random token prompts, for models without a byte-level evaluation text."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (count, length), generator=gen).tolist()
+
+
+def compare_decoders(
+    baseline: Executable,
+    optimized: Executable,
+    *,
+    prompts: list[list[int]],
+    new_tokens: int = 32,
+    text: bytes | None = None,
+    context: int = 1024,
+) -> Report:
+    """Quality (bits/byte on ``text`` if given, greedy agreement) then speed and memory, both programs."""
+    rows = []
+    if text is not None:
+        rows.append(Row("held-out bits/byte", program_bits_per_byte(baseline, text, context=context),
+                        program_bits_per_byte(optimized, text, context=context), "lower"))
+    rows.append(Row("greedy agreement", 1.0, greedy_agreement(baseline, optimized, prompts, new_tokens), "higher",
+                    "{:.3f}"))
+    base, opt = decoder_speed(baseline, prompts, new_tokens), decoder_speed(optimized, prompts, new_tokens)
+    rows += [
+        Row("prefill latency (s)", base["prefill_s"], opt["prefill_s"], "lower"),
+        Row("decode tokens/s", base["decode_tok_s"], opt["decode_tok_s"], "higher", "{:.1f}"),
+        Row("request latency p50 (s)", base["latency_p50_s"], opt["latency_p50_s"], "lower"),
+        Row("request latency p90 (s)", base["latency_p90_s"], opt["latency_p90_s"], "lower"),
+        Row("request latency p99 (s)", base["latency_p99_s"], opt["latency_p99_s"], "lower"),
+        Row("peak RSS (bytes)", base["peak_rss_bytes"], opt["peak_rss_bytes"], "lower", "{:,.0f}"),
+        Row("KV-cache bytes / sequence", baseline.program.cache.nbytes(1), optimized.program.cache.nbytes(1),
+            "lower", "{:,.0f}"),
+        Row("parameters", baseline.program.parameter_count(), optimized.program.parameter_count(), "lower",
+            "{:,.0f}"),
+    ]
+    return Report(rows)
+
+
+def compare_encoders(
+    baseline: Executable,
+    optimized: Executable,
+    inputs: torch.Tensor,
+    labels: torch.Tensor | None = None,
+) -> Report:
+    """Accuracy (with ``labels``) or top-1 agreement, forward latency and memory, both programs."""
+    rows = []
+    if labels is not None:
+        rows.append(Row("accuracy", accuracy(baseline, inputs, labels), accuracy(optimized, inputs, labels),
+                        "higher", "{:.4f}"))
+    (want,), (got,) = baseline.run("forward", inputs), optimized.run("forward", inputs)
+    rows.append(Row("top-1 agreement", 1.0, float((want.argmax(-1) == got.argmax(-1)).float().mean()), "higher",
+                    "{:.4f}"))
+    base, opt = encoder_speed(baseline, inputs), encoder_speed(optimized, inputs)
+    rows += [
+        Row("forward latency (s)", base["forward_s"], opt["forward_s"], "lower"),
+        Row("peak RSS (bytes)", base["peak_rss_bytes"], opt["peak_rss_bytes"], "lower", "{:,.0f}"),
+        Row("parameters", baseline.program.parameter_count(), optimized.program.parameter_count(), "lower",
+            "{:,.0f}"),
+    ]
+    return Report(rows)
