@@ -96,7 +96,7 @@ def train(train_tokens: torch.Tensor, steps: int) -> tuple[LlamaForCausalLM, lis
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return model.eval(), losses
 
