@@ -99,3 +99,13 @@ def test_optimize_model_without_arguments_reports_on_the_default_lm(tmp_path, ca
     metrics = manifest["report"]["metrics"]
     assert metrics["greedy agreement"]["optimized"] == 1.0
     assert metrics["held-out bits/byte"]["optimized"] == pytest.approx(metrics["held-out bits/byte"]["baseline"])
+
+
+def test_optimize_model_reports_accuracy_for_the_default_vit(tmp_path, capsys):
+    from inferpass.cli import main
+
+    assert main([str(MODELS / "default-vit"), "--out", str(tmp_path / "vit")]) == 0
+    assert "forward latency" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "vit" / "manifest.json").read_text())["report"]["metrics"]
+    assert metrics["accuracy"]["optimized"] == metrics["accuracy"]["baseline"] >= VIT_MIN_ACCURACY
+    assert metrics["top-1 agreement"]["optimized"] == 1.0

@@ -8,7 +8,7 @@ import torch
 from rich.table import Table
 
 from inferpass.eval.quality import accuracy, greedy_agreement, program_bits_per_byte
-from inferpass.eval.speed import decoder_speed, encoder_speed
+from inferpass.eval.speed import decoder_speeds, encoder_speeds
 from inferpass.targets.base import Executable
 
 
@@ -80,7 +80,7 @@ def compare_decoders(
                         program_bits_per_byte(optimized, text, context=context), "lower"))
     rows.append(Row("greedy agreement", 1.0, greedy_agreement(baseline, optimized, prompts, new_tokens), "higher",
                     "{:.3f}"))
-    base, opt = decoder_speed(baseline, prompts, new_tokens), decoder_speed(optimized, prompts, new_tokens)
+    base, opt = decoder_speeds([baseline, optimized], prompts, new_tokens)
     rows += [
         Row("prefill latency (s)", base["prefill_s"], opt["prefill_s"], "lower"),
         Row("decode tokens/s", base["decode_tok_s"], opt["decode_tok_s"], "higher", "{:.1f}"),
@@ -110,7 +110,7 @@ def compare_encoders(
     (want,), (got,) = baseline.run("forward", inputs), optimized.run("forward", inputs)
     rows.append(Row("top-1 agreement", 1.0, float((want.argmax(-1) == got.argmax(-1)).float().mean()), "higher",
                     "{:.4f}"))
-    base, opt = encoder_speed(baseline, inputs), encoder_speed(optimized, inputs)
+    base, opt = encoder_speeds([baseline, optimized], inputs)
     rows += [
         Row("forward latency (s)", base["forward_s"], opt["forward_s"], "lower"),
         Row("peak RSS (bytes)", base["peak_rss_bytes"], opt["peak_rss_bytes"], "lower", "{:,.0f}"),

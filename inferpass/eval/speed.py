@@ -1,7 +1,7 @@
 """Speed and memory measures: prefill latency, decode tokens/s, request latency percentiles, peak RSS.
 
-Absolute times on a shared machine are noise; ``compare`` runs baseline and candidate
-interleaved in one process and reports ratios.
+Absolute times on a shared machine are noise: programs are measured interleaved in one
+process, and the report compares them as ratios.
 """
 
 from __future__ import annotations
@@ -50,33 +50,48 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def decoder_speed(executable: Executable, prompts: list[list[int]], new_tokens: int, repeats: int = 3) -> dict:
-    """Prefill seconds (median), decode tokens/s (median over steps), request latency p50/p90/p99, peak RSS."""
-    gen = Generator(executable)
-    prefill, steps, latency = [], [], []
+def decoder_speeds(executables: list[Executable], prompts: list[list[int]], new_tokens: int, repeats: int = 3) -> list[dict]:
+    """Per executable: prefill seconds (median), decode tokens/s (median step), request latency p50/p90/p99, peak RSS.
+
+    Interleaved: every prompt of every repeat runs on each executable in turn, so machine
+    drift hits all of them alike and their ratios stay fair.
+    """
+    gens = [Generator(e) for e in executables]
+    samples = [{"prefill": [], "steps": [], "latency": []} for _ in gens]
     for _ in range(repeats):
         for prompt in prompts:
-            t0 = time.perf_counter()
-            out = gen.generate([prompt], new_tokens)
-            latency.append(time.perf_counter() - t0)
-            prefill.append(out.prefill_seconds)
-            steps.extend(out.decode_seconds)
-    peak = peak_memory_bytes(lambda: gen.generate(prompts, new_tokens))
-    return {
-        "prefill_s": statistics.median(prefill),
-        "decode_tok_s": 1.0 / statistics.median(steps) if steps else float("nan"),
-        "latency_p50_s": percentile(latency, 0.5),
-        "latency_p90_s": percentile(latency, 0.9),
-        "latency_p99_s": percentile(latency, 0.99),
-        "peak_rss_bytes": peak,
-    }
+            for gen, sample in zip(gens, samples):
+                t0 = time.perf_counter()
+                out = gen.generate([prompt], new_tokens)
+                sample["latency"].append(time.perf_counter() - t0)
+                sample["prefill"].append(out.prefill_seconds)
+                sample["steps"].extend(out.decode_seconds)
+    results = []
+    for gen, sample in zip(gens, samples):
+        steps, latency = sample["steps"], sample["latency"]
+        results.append({
+            "prefill_s": statistics.median(sample["prefill"]),
+            "decode_tok_s": 1.0 / statistics.median(steps) if steps else float("nan"),
+            "latency_p50_s": percentile(latency, 0.5),
+            "latency_p90_s": percentile(latency, 0.9),
+            "latency_p99_s": percentile(latency, 0.99),
+            "peak_rss_bytes": peak_memory_bytes(lambda g=gen: g.generate(prompts, new_tokens)),
+        })
+    return results
 
 
-def encoder_speed(executable: Executable, inputs: torch.Tensor, repeats: int = 5) -> dict:
-    """Forward latency (median seconds per batch) and peak RSS growth for one batch."""
-    times = []
+def encoder_speeds(executables: list[Executable], inputs: torch.Tensor, repeats: int = 5) -> list[dict]:
+    """Per executable: forward latency (median seconds per batch, interleaved runs) and peak RSS for one batch."""
+    times: list[list[float]] = [[] for _ in executables]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        executable.run("forward", inputs)
-        times.append(time.perf_counter() - t0)
-    return {"forward_s": statistics.median(times), "peak_rss_bytes": peak_memory_bytes(lambda: executable.run("forward", inputs))}
+        for executable, samples in zip(executables, times):
+            t0 = time.perf_counter()
+            executable.run("forward", inputs)
+            samples.append(time.perf_counter() - t0)
+    return [
+        {
+            "forward_s": statistics.median(samples),
+            "peak_rss_bytes": peak_memory_bytes(lambda e=executable: e.run("forward", inputs)),
+        }
+        for executable, samples in zip(executables, times)
+    ]
