@@ -111,16 +111,18 @@ def evaluate(baseline: Executable, optimized: Executable, args: argparse.Namespa
     info = baseline.program.info
     if info.kind == "encoder":
         if info.family == "vit" and info.hf_config.get("image_size") == IMAGE_SIZE and DIGITS_FILE.is_file():
-            inputs, labels = load_digits("test")
-        else:
-            inputs, labels = example_inputs(baseline.program, "forward", batch=16, seed=args.seed)[0], None
-        return compare_encoders(baseline, optimized, inputs, labels)
+            pixels, labels = load_digits("test")
+            return compare_encoders(baseline, optimized, (pixels,), labels)
+        return compare_encoders(baseline, optimized, example_inputs(baseline.program, "forward", batch=16, seed=args.seed))
+    if args.eval_text and not Path(args.eval_text).is_file():
+        raise InferpassError(f"--eval-text {args.eval_text} is not a file")
     text_path = Path(args.eval_text) if args.eval_text else HELDOUT_TEXT
-    byte_level = info.vocab_size == 256 and text_path.is_file()
+    text = text_path.read_bytes() if info.vocab_size == 256 and text_path.is_file() else None
     context = min(1024, baseline.program.cache.max_len)
-    text = text_path.read_bytes() if byte_level else None
     prompts = prompts_from_text(text) if text else random_prompts(info.vocab_size, seed=args.seed)
     new_tokens = min(args.new_tokens, baseline.program.cache.max_len - max(len(p) for p in prompts))
+    if new_tokens < 1:
+        raise InferpassError(f"max_len {baseline.program.cache.max_len} leaves no room to generate after the prompts")
     return compare_decoders(baseline, optimized, prompts=prompts, new_tokens=new_tokens, text=text, context=context)
 
 

@@ -144,3 +144,16 @@ def test_no_model_dir_without_default_model(tmp_path, capsys, monkeypatch):
 
 def test_unknown_target(model_dir, tmp_path, capsys):
     _fails([str(model_dir), "--target", "tpu"], capsys, "unknown target 'tpu'; available: eager", tmp_path / "out")
+
+
+def test_bert_classifier_report(tmp_path, capsys):
+    from factories import tiny_bert
+
+    tiny_bert(layers=2).save_pretrained(tmp_path / "bert")
+    assert main([str(tmp_path / "bert"), "--out", str(tmp_path / "out")]) == 0
+    metrics = json.loads((tmp_path / "out" / "manifest.json").read_text())["report"]["metrics"]
+    assert metrics["top-1 agreement"]["optimized"] == 1.0 and "accuracy" not in metrics
+
+
+def test_missing_eval_text(model_dir, tmp_path, capsys):
+    _fails([str(model_dir), "--eval-text", str(tmp_path / "none.txt")], capsys, "is not a file", tmp_path / "out")

@@ -68,13 +68,13 @@ def test_default_vit_accuracy_and_damage():
     program = capture(MODELS / "default-vit")
     pixels, labels = load_digits("test")
     executable = get_target("eager").compile(program)
-    assert accuracy(executable, pixels, labels) >= VIT_MIN_ACCURACY
+    assert accuracy(executable, (pixels,), labels) >= VIT_MIN_ACCURACY
     assert len(pixels) >= 350 and pixels.shape[-1] // program.info.hf_config["patch_size"] >= 8  # >= 64 patches
     damaged = program.clone()
     for name, weight in damaged.graphs["forward"].state_dict.items():
         if name.startswith("model.classifier"):
             damaged.graphs["forward"].state_dict[name] = torch.nn.Parameter(torch.zeros_like(weight), requires_grad=False)
-    assert accuracy(get_target("eager").compile(damaged), pixels, labels) < 0.5
+    assert accuracy(get_target("eager").compile(damaged), (pixels,), labels) < 0.5
 
 
 def test_training_recipe_is_deterministic():

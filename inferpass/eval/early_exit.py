@@ -6,7 +6,7 @@ norm and LM head to the residual stream, as LayerSkip does.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from transformers import PreTrainedModel
@@ -29,7 +29,7 @@ def exit_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     return model.lm_head(model.model.norm(hidden))
 
 
-def all_exit_logits(model: PreTrainedModel) -> "callable":
+def all_exit_logits(model: PreTrainedModel) -> Callable[[torch.Tensor], dict[int, torch.Tensor]]:
     """A ``logits_fn`` for ``bits_per_byte`` returning ``{layers_run: logits}`` for every exit 1..L."""
 
     def fn(ids: torch.Tensor) -> dict[int, torch.Tensor]:

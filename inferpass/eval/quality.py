@@ -43,10 +43,12 @@ def greedy_agreement(
     return sum(fractions) / len(fractions)
 
 
-def accuracy(executable: Executable, inputs: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> float:
-    """Top-1 accuracy of an encoder classifier program (one-input ``forward`` graph)."""
+def accuracy(
+    executable: Executable, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor, batch: int = 64
+) -> float:
+    """Top-1 accuracy of an encoder classifier program; ``inputs`` are its ``forward`` inputs, batch-first."""
     correct = 0
-    for i in range(0, len(inputs), batch):
-        (logits,) = executable.run("forward", inputs[i : i + batch])
+    for i in range(0, len(labels), batch):
+        (logits,) = executable.run("forward", *(x[i : i + batch] for x in inputs))
         correct += int((logits.argmax(-1) == labels[i : i + batch]).sum())
-    return correct / len(inputs)
+    return correct / len(labels)

@@ -99,15 +99,15 @@ def compare_decoders(
 def compare_encoders(
     baseline: Executable,
     optimized: Executable,
-    inputs: torch.Tensor,
+    inputs: tuple[torch.Tensor, ...],
     labels: torch.Tensor | None = None,
 ) -> Report:
-    """Accuracy (with ``labels``) or top-1 agreement, forward latency and memory, both programs."""
+    """Accuracy (with ``labels``) and top-1 agreement on ``forward(*inputs)``, latency and memory, both programs."""
     rows = []
     if labels is not None:
         rows.append(Row("accuracy", accuracy(baseline, inputs, labels), accuracy(optimized, inputs, labels),
                         "higher", "{:.4f}"))
-    (want,), (got,) = baseline.run("forward", inputs), optimized.run("forward", inputs)
+    (want,), (got,) = baseline.run("forward", *inputs), optimized.run("forward", *inputs)
     rows.append(Row("top-1 agreement", 1.0, float((want.argmax(-1) == got.argmax(-1)).float().mean()), "higher",
                     "{:.4f}"))
     base, opt = encoder_speeds([baseline, optimized], inputs)

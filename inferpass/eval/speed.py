@@ -80,18 +80,18 @@ def decoder_speeds(executables: list[Executable], prompts: list[list[int]], new_
     return results
 
 
-def encoder_speeds(executables: list[Executable], inputs: torch.Tensor, repeats: int = 5) -> list[dict]:
+def encoder_speeds(executables: list[Executable], inputs: tuple[torch.Tensor, ...], repeats: int = 5) -> list[dict]:
     """Per executable: forward latency (median seconds per batch, interleaved runs) and peak RSS for one batch."""
     times: list[list[float]] = [[] for _ in executables]
     for _ in range(repeats):
         for executable, samples in zip(executables, times):
             t0 = time.perf_counter()
-            executable.run("forward", inputs)
+            executable.run("forward", *inputs)
             samples.append(time.perf_counter() - t0)
     return [
         {
             "forward_s": statistics.median(samples),
-            "peak_rss_bytes": peak_memory_bytes(lambda e=executable: e.run("forward", inputs)),
+            "peak_rss_bytes": peak_memory_bytes(lambda e=executable: e.run("forward", *inputs)),
         }
         for executable, samples in zip(executables, times)
     ]
