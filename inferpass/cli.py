@@ -118,11 +118,14 @@ def evaluate(baseline: Executable, optimized: Executable, args: argparse.Namespa
         raise InferpassError(f"--eval-text {args.eval_text} is not a file")
     text_path = Path(args.eval_text) if args.eval_text else HELDOUT_TEXT
     text = text_path.read_bytes() if info.vocab_size == 256 and text_path.is_file() else None
-    context = min(1024, baseline.program.cache.max_len)
-    prompts = prompts_from_text(text) if text else random_prompts(info.vocab_size, seed=args.seed)
-    new_tokens = min(args.new_tokens, baseline.program.cache.max_len - max(len(p) for p in prompts))
-    if new_tokens < 1:
-        raise InferpassError(f"max_len {baseline.program.cache.max_len} leaves no room to generate after the prompts")
+    max_len = baseline.program.cache.max_len
+    context = min(1024, max_len)
+    length = max(1, min(64 if text else 16, max_len // 2))  # prompts leave room to generate
+    if text:
+        prompts = prompts_from_text(text, length=length)
+    else:
+        prompts = random_prompts(info.vocab_size, length=length, seed=args.seed)
+    new_tokens = min(args.new_tokens, max_len - length)
     return compare_decoders(baseline, optimized, prompts=prompts, new_tokens=new_tokens, text=text, context=context)
 
 
