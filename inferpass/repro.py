@@ -24,8 +24,9 @@ def reproduce(bundle: str | Path) -> str:
     plugin = record["plugin"]
     load_plugin(plugin["module"], plugin["file"])
     program = load_program(bundle / "program")
-    manager = PassManager(Pipeline.parse(record["failing_pass"]), debug=record["debug"], seed=record["seed"])
-    manager.repro.enabled = False
+    manager = PassManager(
+        Pipeline.parse(record["failing_pass"]), debug=record["debug"], seed=record["seed"], write_repro=False
+    )
     try:
         manager.run(program)
     except InferpassError as exc:

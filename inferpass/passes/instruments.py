@@ -73,11 +73,8 @@ class ReproOnFailure(Instrument):
         self.seed = seed
         self.debug = debug
         self.bundle: Path | None = None
-        self.enabled = True
 
     def on_failure(self, index, pass_, program, error):
-        if not self.enabled:
-            return None
         from inferpass.ir.serialize import save_program
 
         root = Path(self.directory) if self.directory else Path(tempfile.gettempdir())

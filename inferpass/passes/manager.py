@@ -82,7 +82,8 @@ class PassManager:
 
     verify: run the verifier after every pass (on by default).
     debug: also compare exact passes numerically with their input.
-    dump_dir: write IR dumps per stage. repro_dir: where repro bundles go (a temp dir if None).
+    dump_dir: write IR dumps per stage. repro_dir: where repro bundles go (a temp dir if None);
+    write_repro=False writes none (used when re-running a bundle).
     """
 
     def __init__(
@@ -94,14 +95,15 @@ class PassManager:
         dump_dir: str | Path | None = None,
         repro_dir: str | Path | None = None,
         seed: int = 0,
+        write_repro: bool = True,
         instruments: list[Instrument] | None = None,
     ):
         self.pipeline = pipeline
         self.verify = verify
         self.debug = debug
         self.seed = seed
-        self.repro = ReproOnFailure(repro_dir, pipeline.to_string(), seed, debug)
-        self.instruments: list[Instrument] = [self.repro, *(instruments or [])]
+        self.repro = ReproOnFailure(repro_dir, pipeline.to_string(), seed, debug) if write_repro else None
+        self.instruments: list[Instrument] = [*([self.repro] if self.repro else []), *(instruments or [])]
         if dump_dir is not None:
             self.instruments.append(IRDump(dump_dir))
 
@@ -128,7 +130,7 @@ class PassManager:
             except Exception as exc:  # any failure, including bugs in the pass, gets a repro
                 lines = [line for inst in self.instruments if (line := inst.on_failure(index, pass_, run.program, exc))]
                 message = f"pass '{pass_.spec()}' failed: {type(exc).__name__}: {exc}"
-                raise PassFailure("\n".join([message, *lines]), self.repro.bundle) from exc
+                raise PassFailure("\n".join([message, *lines]), self.repro.bundle if self.repro else None) from exc
             seconds = time.perf_counter() - start
             before, after = run.program, result.program
             run.records.append(
