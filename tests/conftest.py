@@ -27,3 +27,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+HELDOUT_SLICE = 8192  # held-out bytes scored in tests (8 windows of 1024)
+
+
+@pytest.fixture(scope="session")
+def lm_program():
+    """The shipped default LM, captured once per test session (cache of 1024 slots)."""
+    from inferpass.capture import capture
+    from inferpass.cli import DEFAULT_MODEL
+
+    return capture(DEFAULT_MODEL, max_len=1024)
+
+
+@pytest.fixture(scope="session")
+def heldout() -> bytes:
+    """The first ``HELDOUT_SLICE`` bytes of the shipped held-out text."""
+    from inferpass.cli import HELDOUT_TEXT
+
+    return HELDOUT_TEXT.read_bytes()[:HELDOUT_SLICE]

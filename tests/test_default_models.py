@@ -16,22 +16,11 @@ from inferpass.eval.early_exit import all_exit_logits
 from inferpass.eval.quality import accuracy, program_bits_per_byte
 from inferpass.targets import get_target
 
-SLICE = 8192  # held-out bytes scored in tests (8 windows of 1024)
 LM_FULL_MAX_BPB = 2.6  # regression guard for the shipped model; issue #3 asks for 2.3 (not reached yet)
 LM_SLICE_MAX_BPB = 2.7
 HALF_DEPTH_MAX_EXTRA = 0.6
 VIT_MIN_ACCURACY = 0.97
 TOOLS = Path(__file__).parent.parent / "tools"
-
-
-@pytest.fixture(scope="module")
-def lm_program():
-    return capture(DEFAULT_MODEL, max_len=1024)
-
-
-@pytest.fixture(scope="module")
-def heldout():
-    return HELDOUT_TEXT.read_bytes()[:SLICE]
 
 
 def test_default_lm_is_a_gqa_llama_of_the_promised_size():

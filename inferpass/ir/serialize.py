@@ -130,6 +130,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 def load_program(folder: str | Path) -> Program:
     """Load a folder written by ``save_program``; checksums are verified before anything is deserialized."""
+    import inferpass.kernels  # noqa: F401  (registers the custom ops saved graphs may call)
+
     folder = Path(folder)
     manifest = read_manifest(folder)
     weights_path = folder / manifest["weights"]["file"]

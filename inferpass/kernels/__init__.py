@@ -1,0 +1,3 @@
+"""Custom ops and their kernels. Importing this package registers every op (needed before loading a program)."""
+
+from inferpass.kernels import split_kv_op  # noqa: F401  (registers inferpass::split_kv_attention)

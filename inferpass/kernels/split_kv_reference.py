@@ -1,0 +1,84 @@
+"""Decode attention against a KV cache in plain torch: the dense oracle and the chunked split-KV algorithm.
+
+Shapes (shared by every ``split_kv_attention`` implementation):
+
+* ``q`` ``[B, H, S, D]``: S ≥ 1 new query tokens per row (1 for decode, k when
+  verifying k speculative drafts), at positions ``start[b] + i``;
+* ``k``, ``v`` ``[B, H_kv, L, D]``: the cache, ``H % H_kv == 0``; query head ``h``
+  reads KV head ``h // (H // H_kv)`` (the ``repeat_kv`` convention);
+* ``start`` ``[B]`` int64: query ``i`` of row ``b`` sees cache slots ``<= start[b] + i``
+  (causal among the new tokens, ragged across rows);
+* returns ``out`` ``[B, H, S, D]`` in ``q``'s dtype and ``lse`` ``[B, H, S]`` fp32, the
+  log-sum-exp of the row's visible scaled scores.
+
+All arithmetic is fp32. ``dense_attention`` is traceable (static shapes, the whole
+cache is read and masked) and is what lowering uses; ``chunked_attention`` reads
+only the valid prefix, in chunks whose states are merged exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from inferpass.kernels.attention_state import AttentionState, chunk_state, merge_along
+
+
+def check_decode_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the argument whose shape or dtype breaks the contract above."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"split_kv_attention: q must be [B,H,S,D] and k, v [B,H_kv,L,D] alike; got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"split_kv_attention: q {tuple(q.shape)} and cache {tuple(k.shape)} disagree on batch, "
+                         "head_dim, or heads not a multiple of KV heads")
+    if start.shape != (q.shape[0],) or start.dtype != torch.int64:
+        raise ValueError(f"split_kv_attention: start must be int64 [B={q.shape[0]}], got "
+                         f"{start.dtype} {tuple(start.shape)}")
+
+
+def visible_slots(start: torch.Tensor, q_len: int, cache_len: int) -> torch.Tensor:
+    """Bool ``[B, 1, 1, S, L]``: query ``i`` of row ``b`` sees slot ``j`` iff ``j <= start[b] + i``."""
+    positions = start[:, None] + torch.arange(q_len, device=start.device)[None, :]
+    slots = torch.arange(cache_len, device=start.device)
+    return (slots[None, None, :] <= positions[:, :, None])[:, None, None]
+
+
+def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    b, h, s, d = q.shape
+    return q.float().reshape(b, kv_heads, h // kv_heads, s, d)
+
+
+def _finish(state: AttentionState, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, s, d = q.shape
+    return state.o.reshape(b, h, s, d).to(q.dtype), state.lse.reshape(b, h, s)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention over the whole cache with the visibility mask (exact in fp32; traceable)."""
+    qg = _grouped(q, k.shape[1])
+    scores = qg @ k.float()[:, :, None].transpose(-1, -2) * scale  # [B, Hkv, G, S, L]
+    return _finish(chunk_state(scores, visible_slots(start, q.shape[2], k.shape[2]), v[:, :, None, None]), q)
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, scale: float,
+                      chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV attention: the valid prefix in ``chunk``-slot pieces, one state each, merged exactly.
+
+    Reads only ``max(start) + S`` slots (a host sync on ``start``). Equals ``dense_attention``
+    up to fp32 rounding for any ``chunk`` ≥ 1.
+    """
+    b, kv_heads, cache_len, d = k.shape
+    q_len = q.shape[2]
+    valid = min(cache_len, int(start.max()) + q_len)
+    pieces = -(-valid // chunk)
+    padded = pieces * chunk
+    kc, vc = k[:, :, :valid].float(), v[:, :, :valid].float()
+    if padded > valid:
+        pad = (0, 0, 0, padded - valid)
+        kc, vc = torch.nn.functional.pad(kc, pad), torch.nn.functional.pad(vc, pad)
+    kc = kc.reshape(b, kv_heads, pieces, chunk, d)
+    vc = vc.reshape(b, kv_heads, 1, 1, pieces, chunk, d)
+    scores = torch.einsum("bkgsd,bkpcd->bkgspc", _grouped(q, kv_heads), kc) * scale
+    visible = visible_slots(start, q_len, padded).reshape(b, 1, 1, q_len, pieces, chunk)
+    return _finish(merge_along(chunk_state(scores, visible, vc), dim=-1), q)
