@@ -16,8 +16,8 @@ from inferpass.eval.early_exit import all_exit_logits
 from inferpass.eval.quality import accuracy, program_bits_per_byte
 from inferpass.targets import get_target
 
-LM_FULL_MAX_BPB = 2.6  # regression guard for the shipped model; issue #3 asks for 2.3 (not reached yet)
-LM_SLICE_MAX_BPB = 2.7
+LM_FULL_MAX_BPB = 2.3  # issue #3's target, on all 490 KB of held-out works (training_report.json: 2.290)
+LM_SLICE_MAX_BPB = 2.35  # the 8 KB test slice through the captured program (measured 2.290)
 HALF_DEPTH_MAX_EXTRA = 0.6
 VIT_MIN_ACCURACY = 0.97
 TOOLS = Path(__file__).parent.parent / "tools"
