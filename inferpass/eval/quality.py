@@ -9,10 +9,14 @@ from inferpass.runtime.generator import Generator
 from inferpass.targets.base import Executable
 
 
-def program_bits_per_byte(executable: Executable, data: bytes, *, context: int = 1024, batch: int = 4) -> float:
-    """Bits per byte of a byte-level decoder program on ``data``, scored with its ``prefill`` graph.
+def program_bits_per_byte(executable: Executable, data: bytes, *, context: int = 1024, batch: int = 4,
+                          chunk: int | None = None) -> float:
+    """Bits per byte of a byte-level decoder program on ``data``, scored through its own graphs.
 
     Windows of ``context`` bytes, non-overlapping (each byte sees 0..context-1 bytes of left context).
+    ``chunk=None`` scores a window with one ``prefill``; ``chunk=C`` feeds it C tokens at a time
+    through the program's cache (``decode`` for single tokens), so every token attends to what
+    earlier calls left in the cache: what a quantized or otherwise rewritten cache serves in decoding.
     """
     program = executable.program
     if program.info.vocab_size != 256:
@@ -21,8 +25,15 @@ def program_bits_per_byte(executable: Executable, data: bytes, *, context: int =
         raise ValueError(f"context {context} exceeds the program's max_len {program.cache.max_len}")
 
     def logits(ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        start = torch.zeros(ids.shape[0], dtype=torch.long)
-        return {"model": executable.run("prefill", ids, start, *program.cache.allocate(ids.shape[0]))[0]}
+        cache = program.cache.allocate(ids.shape[0])
+        step = chunk or ids.shape[1]
+        pieces = []
+        for first in range(0, ids.shape[1], step):
+            piece = ids[:, first : first + step]
+            start = torch.full((ids.shape[0],), first, dtype=torch.long)
+            out, *cache = executable.run("decode" if piece.shape[1] == 1 else "prefill", piece, start, *cache)
+            pieces.append(out)
+        return {"model": torch.cat(pieces, dim=1)}
 
     return bits_per_byte(logits, data, context=context, stride=context, batch=batch)["model"]
 

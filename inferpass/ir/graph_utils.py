@@ -115,3 +115,40 @@ def refresh(ep: ExportedProgram) -> ExportedProgram:
         verifiers=ep.verifiers,
     )
 
+
+
+def set_user_io(ep: ExportedProgram) -> ExportedProgram:
+    """Rebuild ``ep`` after a pass added or removed *user* inputs or outputs (e.g. a new cache layout).
+
+    User inputs become the graph's non-state placeholders in graph order; every output is
+    a user output; the calling convention (pytree specs) follows: ``module()(*inputs)``
+    takes the new inputs positionally and returns a tuple. Weights, buffers and constants
+    are kept as they are (``refresh`` drops unused ones).
+    """
+    from torch.export.exported_program import ModuleCallEntry, ModuleCallSignature
+    from torch.export.graph_signature import InputSpec, OutputKind, OutputSpec, TensorArgument
+    from torch.utils import _pytree as pytree
+
+    gm = ep.graph_module
+    state = {s.arg.name: s for s in ep.graph_signature.input_specs if s.kind != InputKind.USER_INPUT}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    input_specs = [state.get(n.name) or InputSpec(InputKind.USER_INPUT, TensorArgument(n.name), None)
+                   for n in placeholders]
+    outputs = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    output_specs = [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(v.name), None) for v in outputs]
+    users = [n for n in placeholders if n.name not in state]
+    in_spec = pytree.tree_flatten((tuple(range(len(users))), {}))[1]
+    out_spec = pytree.tree_flatten(tuple(range(len(outputs))))[1]
+    signature = ModuleCallSignature(inputs=[TensorArgument(n.name) for n in users],
+                                    outputs=[TensorArgument(v.name) for v in outputs],
+                                    in_spec=in_spec, out_spec=out_spec, forward_arg_names=None)
+    call_graph = [ModuleCallEntry(fqn="", signature=signature)]
+    call_graph += [e for e in ep.module_call_graph if e.fqn != ""]
+    gm.graph.lint()
+    gm.recompile()
+    return ExportedProgram(
+        root=gm, graph=gm.graph,
+        graph_signature=type(ep.graph_signature)(input_specs=input_specs, output_specs=output_specs),
+        state_dict=ep.state_dict, range_constraints=ep.range_constraints, module_call_graph=call_graph,
+        example_inputs=None, constants=ep.constants, verifiers=ep.verifiers,
+    )

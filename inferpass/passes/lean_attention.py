@@ -15,25 +15,21 @@ order differs). Identity: ``graphs=[]``.
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
-from torch.export import ExportedProgram
-from torch.fx import Node
 
 from inferpass.errors import UnsupportedModelError
-from inferpass.ir.graph_utils import fake_value, refresh, skip_aliases, user_inputs
+from inferpass.ir.graph_utils import refresh, user_inputs
 from inferpass.ir.program import Program
 from inferpass.ir.structure import recover_structure
 from inferpass.kernels.split_kv_op import SPLIT_KV_ATTENTION, cached_plan, device_workers
 from inferpass.passes.base import Pass, PassConfig, PassResult, register_pass
+from inferpass.passes.cache_attention import cache_attention, insert_like
 
-aten = torch.ops.aten
 REFERENCE_SMS = 132  # plans shown without a GPU are for an H100 SXM
-_REPEAT_KV = {aten.unsqueeze.default, aten.expand.default, aten.reshape.default, aten.view.default}
 
 
 class LeanAttentionConfig(PassConfig):
@@ -92,77 +88,20 @@ class LeanAttention(Pass):
         ep = program.graphs[graph]
         structure = recover_structure(ep, program.info.hidden_size, program.cache)
         start = user_inputs(ep)[1]
-        by_name = {t.name: t for t in program.cache.tensors}
         count = 0
         for block in structure.blocks:
-            site = block.attention
-            attn = site.attention
-            if attn.target is SPLIT_KV_ATTENTION.overload:
-                continue
-            where = f"{graph} graph, block {block.index} ({site.scope})"
-            caches = {by_name[n].role: w for n, w in site.cache_writes.items()}
-            if set(caches) != {"k", "v"}:
-                raise UnsupportedModelError(f"{where}: expected one k and one v cache write, found {sorted(caches)}")
-            q, k, v, scale = _sdpa_operands(attn, start, where)
-            for role, expanded in (("k", k), ("v", v)):
-                if _unexpanded(expanded) is not caches[role]:
-                    raise UnsupportedModelError(f"{where}: attention {role} is not the {role} cache write "
-                                                "(up to repeat_kv)")
+            if block.attention.attention.target is not torch.ops.aten.scaled_dot_product_attention.default:
+                continue  # already rewritten (by this pass, or into another registered attention op)
+            site = cache_attention(program, block, start, f"{graph} graph, block {block.index} ({block.scope})")
+            splits = -1 if self.config.splits == "auto" else self.config.splits
+            call = insert_like(site.attention, SPLIT_KV_ATTENTION.overload,
+                               (site.query, site.writes["k"], site.writes["v"], start, site.scale,
+                                self.config.schedule, splits, self.config.block_n))
+            out = insert_like(site.attention, operator.getitem, (call, 0))
+            site.attention.replace_all_uses_with(out)
+            ep.graph.erase_node(site.attention)
             count += 1
-            _replace(ep, attn, (q, caches["k"], caches["v"], start, scale, self.config.schedule,
-                                -1 if self.config.splits == "auto" else self.config.splits, self.config.block_n))
         if count:
             ep.graph.eliminate_dead_code()
             program.graphs[graph] = refresh(ep)
         return count
-
-
-def _sdpa_operands(attn: Node, start: Node, where: str) -> tuple[Node, Node, Node, float]:
-    """(q, k, v, scale) of a decode SDPA whose mask is the capture's ``slots <= start + i`` mask."""
-    if attn.target is not aten.scaled_dot_product_attention.default:
-        raise UnsupportedModelError(f"{where}: attention op {attn.target} is not scaled_dot_product_attention")
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-    args = dict(zip(names, attn.args)) | dict(attn.kwargs)
-    if args.get("dropout_p", 0.0) != 0.0 or args.get("is_causal", False):
-        raise UnsupportedModelError(f"{where}: attention with dropout or is_causal is not a cache-decode attention")
-    mask = skip_aliases(args.get("attn_mask"))
-    if not isinstance(mask, Node) or mask.target is not aten.le.Tensor or start not in _ancestors(mask):
-        raise UnsupportedModelError(f"{where}: attention mask is not the capture's causal cache mask "
-                                    "(slots <= start + i)")
-    q = args["query"]
-    scale = args.get("scale")
-    return q, args["key"], args["value"], 1.0 / math.sqrt(fake_value(q).shape[-1]) if scale is None else scale
-
-
-def _unexpanded(node: Node) -> Node:
-    """Look back through ``repeat_kv`` (unsqueeze / expand / reshape) and no-op aliases."""
-    node = skip_aliases(node)
-    while isinstance(node, Node) and node.op == "call_function" and node.target in _REPEAT_KV:
-        node = skip_aliases(node.args[0])
-    return node
-
-
-def _ancestors(node: Node) -> set[Node]:
-    seen, stack = set(), [node]
-    while stack:
-        for parent in stack.pop().all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
-    return seen
-
-
-def _replace(ep: ExportedProgram, attn: Node, args: tuple) -> None:
-    """Insert ``split_kv_attention(*args)[0]`` in place of ``attn`` with fake values and module stack."""
-    fake_args = tuple(fake_value(a) if isinstance(a, Node) else a for a in args)
-    with fake_value(args[0]).fake_mode:
-        out_val, lse_val = SPLIT_KV_ATTENTION.overload(*fake_args)
-    graph = ep.graph
-    with graph.inserting_before(attn):
-        call = graph.call_function(SPLIT_KV_ATTENTION.overload, args)
-        out = graph.call_function(operator.getitem, (call, 0))
-    for node, val in ((call, (out_val, lse_val)), (out, out_val)):
-        node.meta.update({k: attn.meta[k] for k in ("nn_module_stack", "stack_trace") if k in attn.meta})
-        node.meta["val"] = val
-    attn.replace_all_uses_with(out)
-    graph.erase_node(attn)

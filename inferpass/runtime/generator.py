@@ -42,12 +42,25 @@ class Generator:
         self.layout = program.cache
 
     def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
-        """Prefill right-padded prompts; return (full logits [B, S, V], cache, prompt lengths)."""
+        """Prefill a batch of prompts; return (logits [B, S_max, V], right-padded with zeros, cache, lengths).
+
+        Rows are prefilled in groups of equal prompt length, so every row's cache holds exactly
+        its prompt: nothing is written past a row's length (a padded token could otherwise
+        reach a cache that cannot take writes back, such as a quantized one).
+        """
         ids, lengths = _pad(prompts)
         cache = KVCache(self.layout, len(prompts))
-        start = cache.reserve(torch.full_like(lengths, ids.shape[1]))
-        logits, *written = self.executable.run("prefill", ids, start, *cache.tensors)
-        cache.advance(tuple(written), lengths)
+        cache.reserve(lengths)
+        logits = None
+        for length in sorted(set(lengths.tolist())):
+            rows = torch.nonzero(lengths == length).flatten()
+            start = cache.lengths[rows]
+            graph = "decode" if length == 1 else "prefill"
+            out, *written = self.executable.run(graph, ids[rows, :length], start, *cache.rows(rows))
+            cache.advance_rows(rows, tuple(written), length)
+            if logits is None:
+                logits = out.new_zeros(len(prompts), ids.shape[1], out.shape[-1])
+            logits[rows, :length] = out
         return logits, cache, lengths
 
     def decode(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:

@@ -41,3 +41,15 @@ class KVCache:
             raise InferpassError(f"step returned {len(written)} cache tensors, layout has {len(self.tensors)}")
         self.tensors = list(written)
         self.lengths = self.lengths + tokens
+
+    def rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The cache tensors of a subset of rows (copies), for a step over those rows only."""
+        return [t[rows] for t in self.tensors]
+
+    def advance_rows(self, rows: torch.Tensor, written: tuple[torch.Tensor, ...], tokens: int) -> None:
+        """Install the caches a step over ``rows`` returned and grow those rows' lengths by ``tokens``."""
+        if len(written) != len(self.tensors):
+            raise InferpassError(f"step returned {len(written)} cache tensors, layout has {len(self.tensors)}")
+        for full, part in zip(self.tensors, written):
+            full[rows] = part
+        self.lengths[rows] += tokens

@@ -1,0 +1,156 @@
+"""``kv-quant``: store the KV cache as KIVI-style low-bit groups with a full-precision recent window.
+
+Source: KIVI (Liu et al. 2024), TECHNIQUES.md §2. For each selected layer, in every
+graph (prefill and decode share the cache), the layer's two fp cache tensors become
+the eight tensors of ``kernels.quantized_cache`` (packed codes, fp16 scales and zeros,
+fp windows); its cache writes become ``kv_quant_append`` and its attention
+``kv_quant_attention`` (attend over the quantized prefix + window + new tokens, then
+append). The Program's ``CacheLayout`` changes accordingly, so the runtime allocates
+the packed tensors and ``KV-cache bytes`` in reports shrink.
+
+Approximate: keys/values older than the window are rounded to ``bits`` bits (error
+≤ scale/2 per element); sequences no longer than ``residual + group`` tokens are
+exact. Identity: ``layers=[]``.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from pydantic import Field, model_validator
+
+from inferpass.errors import UnsupportedModelError
+from inferpass.ir.graph_utils import fake_value, refresh, set_user_io, user_inputs
+from inferpass.ir.program import BATCH, DECODER_INPUTS, CacheLayout, CacheTensor, Program
+from inferpass.ir.structure import recover_structure
+from inferpass.kernels.kv_quant_op import KV_QUANT_APPEND, KV_QUANT_ATTENTION
+from inferpass.kernels.quantized_cache import STATS_DTYPE, KVQuantSpec
+from inferpass.passes.base import Pass, PassConfig, PassResult, register_pass
+from inferpass.passes.cache_attention import cache_attention, insert_like
+
+_CODE_FIELDS = {"k_codes", "v_codes"}
+_STAT_FIELDS = {"k_scale", "k_zero", "v_scale", "v_zero"}
+
+
+class KVQuantConfig(PassConfig):
+    """bits (2/4/8), group, residual: see ``KVQuantSpec``; layers: layer indices to quantize (None = all,
+    [] = identity); bits_per_layer: per-layer bit overrides, e.g. ``{0: 8}``."""
+
+    bits: int = 4
+    group: int = 32
+    residual: int = 32
+    layers: list[int] | None = None
+    bits_per_layer: dict[int, int] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _valid_specs(self):
+        for layer in (None, *self.bits_per_layer):
+            self.spec(layer)  # KVQuantSpec checks bits, group and residual
+        return self
+
+    def spec(self, layer: int | None) -> KVQuantSpec:
+        return KVQuantSpec(bits=self.bits_per_layer.get(layer, self.bits), group=self.group, residual=self.residual)
+
+
+@register_pass
+class KVQuant(Pass):
+    """Quantize the KV cache of the selected layers (see module doc)."""
+
+    name = "kv-quant"
+    exact = False
+    Config = KVQuantConfig
+    runs_before = frozenset({"lean-attention"})  # it replaces the SDPA this pass rewrites
+
+    def run(self, program: Program) -> PassResult:
+        if not program.is_decoder:
+            raise UnsupportedModelError(f"pass '{self.name}' needs a decoder program with a KV cache; "
+                                        f"got a {program.info.kind}")
+        by_layer = {}
+        for t in program.cache.tensors:
+            by_layer.setdefault(t.layer, {})[t.role] = t
+        layers = sorted(by_layer) if self.config.layers is None else self.config.layers
+        for layer in layers:
+            if set(by_layer.get(layer, {})) != {"k", "v"}:
+                raise UnsupportedModelError(f"pass '{self.name}': layer {layer} has no fp k/v cache to quantize "
+                                            f"(layers with one: {sorted(k for k, v in by_layer.items() if set(v) == {'k', 'v'})})")
+            k = by_layer[layer]["k"]
+            self.config.spec(layer).value_group(int(k.shape[3]))  # head_dim must fit the groups
+        if not layers:
+            return PassResult(program, changed=False, stats={"layers": 0})
+        layout = self._layout(program.cache, set(layers))
+        for name in list(program.graphs):
+            program.graphs[name] = self._rewrite(program, name, set(layers), layout)
+        before = program.cache.nbytes(1)
+        program.cache = layout
+        return PassResult(program, changed=True, stats={
+            "layers": len(layers), "cache_bytes_per_sequence": layout.nbytes(1),
+            "compression_vs_before": round(before / layout.nbytes(1), 2)})
+
+    def _layout(self, cache: CacheLayout, layers: set[int]) -> CacheLayout:
+        tensors = []
+        for t in cache.tensors:
+            if t.layer not in layers:
+                tensors.append(t)
+            elif t.role == "k":
+                spec = self.config.spec(t.layer)
+                heads, dim = int(t.shape[1]), int(t.shape[3])
+                for field, shape in spec.shapes(heads, dim, cache.max_len).items():
+                    dtype = "uint8" if field in _CODE_FIELDS else (
+                        str(STATS_DTYPE).removeprefix("torch.") if field in _STAT_FIELDS else t.dtype)
+                    tensors.append(CacheTensor(name=f"{field}{t.layer}", layer=t.layer, role=field,
+                                               shape=(BATCH, *shape), dtype=dtype))
+        return CacheLayout(max_len=cache.max_len, tensors=tuple(tensors))
+
+    def _rewrite(self, program: Program, graph: str, layers: set[int], layout: CacheLayout):
+        ep = program.graphs[graph]
+        structure = recover_structure(ep, program.info.hidden_size, program.cache)
+        inputs = user_inputs(ep)
+        start = inputs[1]
+        placeholders = dict(zip((t.name for t in program.cache.tensors), inputs[len(DECODER_INPUTS):]))
+        output = next(n for n in reversed(ep.graph.nodes) if n.op == "output")
+        outputs = list(output.args[0])
+        old_outputs = dict(zip((t.name for t in program.cache.tensors), outputs[1:]))
+        new_outputs, new_inputs = {}, {}
+        for block in structure.blocks:
+            if block.index not in layers:
+                continue
+            spec = self.config.spec(block.index)
+            site = cache_attention(program, block, start, f"{graph} graph, block {block.index} ({block.scope})")
+            fields = [t for t in layout.tensors if t.layer == block.index]
+            anchor = site.caches["k"]
+            batch = fake_value(anchor).shape[0]
+            cache_nodes = []
+            for t in fields:
+                with ep.graph.inserting_before(anchor):
+                    node = ep.graph.placeholder(t.name)
+                with fake_value(anchor).fake_mode:
+                    node.meta["val"] = torch.empty((batch, *t.shape[1:]), dtype=t.torch_dtype())
+                cache_nodes.append(node)
+            new_inputs[block.index] = cache_nodes[0]
+            params = (spec.bits, spec.group, spec.residual)
+            out = insert_like(site.attention, KV_QUANT_ATTENTION.overload,
+                              (site.query, site.new["k"], site.new["v"], start, cache_nodes, site.scale, *params))
+            site.attention.replace_all_uses_with(out)
+            ep.graph.erase_node(site.attention)
+            written = insert_like(output, KV_QUANT_APPEND.overload,
+                                  (site.new["k"], site.new["v"], start, cache_nodes, *params))
+            written.meta.update({k: out.meta[k] for k in ("nn_module_stack",) if k in out.meta})
+            for i, t in enumerate(fields):
+                item = insert_like(output, operator.getitem, (written, i))
+                item.meta.update({k: out.meta[k] for k in ("nn_module_stack",) if k in out.meta})
+                new_outputs[t.name] = item
+        by_layer_out = [new_outputs.get(t.name) or old_outputs[t.name] for t in layout.tensors]
+        output.args = ((outputs[0], *by_layer_out),)
+        ep.graph.eliminate_dead_code()
+        for t in program.cache.tensors:
+            node = placeholders[t.name]
+            if t.layer not in layers:
+                continue
+            for user in list(node.users):  # e.g. the batch size read off this cache: read it off the new one
+                if user.target is not torch.ops.aten.sym_size.int or user.args[1] != 0:
+                    raise UnsupportedModelError(f"{graph} graph: cache {t.name} is still read by {user.format_node()}")
+                user.replace_input_with(node, new_inputs[t.layer])
+            ep.graph.erase_node(node)
+        return refresh(set_user_io(ep))
+

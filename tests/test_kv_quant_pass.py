@@ -1,0 +1,113 @@
+"""The kv-quant pass on whole models: new cache layout, exact while the window holds everything, bounded after."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from factories import decoder_configs, tiny_decoder, tiny_vit
+from inferpass.capture import capture
+from inferpass.errors import PipelineError, UnsupportedModelError
+from inferpass.eval.quality import program_bits_per_byte
+from inferpass.ir.serialize import load_program, save_program
+from inferpass.kernels.kv_quant_op import KV_QUANT_ATTENTION
+from inferpass.passes import PassManager, Pipeline
+from inferpass.runtime.generator import Generator
+from inferpass.targets import get_target
+
+
+def _quantize(program, text):
+    return PassManager(Pipeline.parse(text)).run(program.clone())
+
+
+def _decode_logits(program, prompts, steps):
+    """Logits after the prompt and after each of ``steps`` greedy-fed tokens (fed the same tokens)."""
+    gen = Generator(get_target("eager").compile(program))
+    logits, cache, lengths = gen.prefill(prompts)
+    rows = torch.arange(len(prompts))
+    out = [logits[rows, lengths - 1]]
+    token = out[-1].argmax(-1)
+    for i in range(steps):
+        out.append(gen.decode(cache, token))
+        token = torch.tensor([(7 * i + r) % program.info.vocab_size for r in range(len(prompts))])
+    return torch.stack(out)
+
+
+@given(config=decoder_configs(family="llama"), data=st.data())
+@settings(max_examples=5)
+def test_exact_while_the_window_holds_the_whole_sequence(config, data):
+    config["head_dim"] = 8
+    program = capture(tiny_decoder(**config), max_len=32)
+    run = _quantize(program, "kv-quant{bits=2, group=4, residual=8}")
+    quantized = run.program
+    assert sum(n.target is KV_QUANT_ATTENTION.overload for n in quantized.graphs["decode"].graph.nodes) == \
+        program.info.num_layers
+    assert quantized.cache.nbytes(1) < program.cache.nbytes(1)
+    vocab = program.info.vocab_size
+    prompts = [data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=4)) for _ in range(2)]
+    steps = 11 - max(len(p) for p in prompts)  # total length <= R + G - 1 = 11: nothing is quantized yet
+    torch.testing.assert_close(_decode_logits(quantized, prompts, steps), _decode_logits(program, prompts, steps),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_error_shrinks_with_bits_on_long_sequences():
+    program = capture(tiny_decoder("qwen2", layers=2, head_dim=16, vocab=96, context=128, seed=3), max_len=96)
+    prompts = [list(range(5, 45)), list(range(20, 70))]
+    want = _decode_logits(program, prompts, 20)
+    errors = []
+    for bits in (2, 4, 8):
+        got = _decode_logits(_quantize(program, f"kv-quant{{bits={bits}, group=8, residual=8}}").program, prompts, 20)
+        errors.append((got - want).abs().max().item())
+    assert errors[0] > errors[1] > errors[2] > 0 and errors[2] < 0.05
+
+
+def test_layout_per_layer_bits_save_load_and_identity(tmp_path):
+    program = capture(tiny_decoder("llama", layers=2, head_dim=16, context=64), max_len=64)
+    identity = _quantize(program, "kv-quant{layers=[]}").program
+    assert identity.cache == program.cache and identity.node_count() == program.node_count()
+    run = _quantize(program, "kv-quant{bits=2, group=8, residual=8, bits_per_layer={0: 8}}")
+    layout = {t.name: t for t in run.program.cache.tensors}
+    assert layout["k_codes0"].shape[-1] == 16 and layout["k_codes1"].shape[-1] == 4  # 8-bit vs 2-bit packing
+    assert layout["k_scale1"].dtype == "float16" and layout["k_window1"].dtype == "float32"
+    assert run.records[0].cache_bytes_delta < 0
+    save_program(run.program, tmp_path / "q")
+    loaded = load_program(tmp_path / "q")
+    prompts = [list(range(30)), list(range(3, 20))]
+    assert torch.equal(_decode_logits(loaded, prompts, 12), _decode_logits(run.program, prompts, 12))
+    partial = _quantize(program, "kv-quant{layers=[1]}").program
+    assert [t.name for t in partial.cache.tensors][:2] == ["k0", "v0"]
+
+
+def test_composes_with_lean_attention_in_either_order():
+    program = capture(tiny_decoder("llama", layers=2, head_dim=16, context=64), max_len=64)
+    prompts = [list(range(40))]
+    first = _quantize(program, "kv-quant{group=8, residual=8},lean-attention")
+    assert [r.spec.split("{")[0] for r in first.records] == ["kv-quant", "lean-attention"]
+    reordered = _quantize(program, "lean-attention,kv-quant{group=8, residual=8}")
+    assert [r.spec.split("{")[0] for r in reordered.records] == ["kv-quant", "lean-attention"]
+    want = _decode_logits(_quantize(program, "kv-quant{group=8, residual=8}").program, prompts, 6)
+    torch.testing.assert_close(_decode_logits(first.program, prompts, 6), want)
+
+
+def test_default_lm_quality_cost_by_bits(lm_program, heldout):
+    text = heldout[:2048]
+    base = program_bits_per_byte(get_target("eager").compile(lm_program), text, context=1024, chunk=128)
+    costs = {}
+    for bits in (8, 4, 2):
+        quantized = _quantize(lm_program, f"kv-quant{{bits={bits}}}").program
+        costs[bits] = program_bits_per_byte(get_target("eager").compile(quantized), text, context=1024,
+                                            chunk=128) - base
+    assert abs(costs[8]) < 0.005 and costs[4] < 0.03 and costs[2] < 0.15
+    assert costs[2] > costs[4]
+
+
+def test_bad_configs_and_models_are_named():
+    with pytest.raises(PipelineError, match="bits must be one of"):
+        Pipeline.parse("kv-quant{bits=3}")
+    with pytest.raises(PipelineError, match="bits must be one of"):
+        Pipeline.parse("kv-quant{bits_per_layer={0: 16}}")
+    with pytest.raises(PipelineError, match="bogus"):
+        Pipeline.parse("kv-quant{bogus=1}")
+    with pytest.raises(UnsupportedModelError, match="needs a decoder"):
+        Pipeline.parse("kv-quant").passes[0].run(capture(tiny_vit()))
+    with pytest.raises(UnsupportedModelError, match="layer 5 has no fp k/v cache"):
+        Pipeline.parse("kv-quant{layers=[5]}").passes[0].run(capture(tiny_decoder(layers=1), max_len=8))
