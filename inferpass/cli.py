@@ -22,7 +22,10 @@ from inferpass.passes import PassManager, Pipeline, PipelineRun, registered_pass
 from inferpass.plugins import load_plugin
 from inferpass.targets import Executable, get_target, target_names
 
-DEFAULT_PIPELINE = "dce,cse,drop-unused-params"
+DEFAULT_PIPELINES = {  # exact presets per model kind
+    "decoder": "dce,cse,drop-unused-params,lean-attention",
+    "encoder": "dce,cse,drop-unused-params",
+}
 MODELS = Path(__file__).parent / "models"
 DEFAULT_MODEL = MODELS / "default-lm"
 HELDOUT_TEXT = MODELS / "shakespeare-heldout.txt"
@@ -37,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Capture a transformer, rewrite it with passes, verify it and save the optimized model.",
     )
     p.add_argument("model_dir", nargs="?", help="Hugging Face model directory (default: the embedded default LM)")
-    p.add_argument("--pipeline", default=DEFAULT_PIPELINE, help=f"pipeline string or YAML/JSON file (default: {DEFAULT_PIPELINE!r})")
+    p.add_argument("--pipeline", default=None, help=f"pipeline string or YAML/JSON file (default, exact: "
+                   f"{DEFAULT_PIPELINES['decoder']!r} for decoders, {DEFAULT_PIPELINES['encoder']!r} for encoders)")
     p.add_argument("--target", default="eager", help=f"where the result runs: {', '.join(target_names())}")
     p.add_argument("--out", help="output folder (default: ./<model name>.inferpass)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -133,7 +137,7 @@ def optimize(args: argparse.Namespace) -> int:
     model_dir = Path(args.model_dir) if args.model_dir else DEFAULT_MODEL
     if not args.model_dir and not DEFAULT_MODEL.is_dir():
         raise InferpassError(f"no MODEL_DIR given and the embedded default model is not installed at {DEFAULT_MODEL}")
-    pipeline = Pipeline.load(args.pipeline)
+    pipeline = Pipeline.load(args.pipeline) if args.pipeline is not None else None
     target = get_target(args.target)
     out = Path(args.out) if args.out else Path.cwd() / f"{model_dir.name}.inferpass"
     if out.exists() and not args.force:
@@ -146,6 +150,8 @@ def optimize(args: argparse.Namespace) -> int:
         f"captured {program.info.architecture} ({program.info.num_layers} layers, "
         f"{program.parameter_count():,} parameters) into graphs {', '.join(program.graphs)} in {capture_s:.1f}s"
     )
+    if pipeline is None:
+        pipeline = Pipeline.parse(DEFAULT_PIPELINES[program.info.kind])
     manager = PassManager(pipeline, debug=args.debug, dump_dir=args.dump_ir, repro_dir=args.repro_dir, seed=args.seed)
     with console.status(f"running pipeline {pipeline.to_string() or '(empty)'} ..."):
         run = manager.run(program)
