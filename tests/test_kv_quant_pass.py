@@ -49,6 +49,23 @@ def test_exact_while_the_window_holds_the_whole_sequence(config, data):
                                atol=1e-5, rtol=1e-5)
 
 
+@given(config=decoder_configs(family="llama"), data=st.data())
+@settings(max_examples=4)
+def test_sinks_extend_the_exact_span_and_value_groups_may_span_heads(config, data):
+    config["head_dim"] = 8
+    program = capture(tiny_decoder(**config), max_len=40)
+    value_group = config["kv_heads"] * 8  # one statistics group over all of a token's KV heads
+    quantized = _quantize(program, f"kv-quant{{bits=2, group=4, residual=4, sink=6, value_group={value_group}}}")
+    layout = {t.name: t for t in quantized.program.cache.tensors}
+    assert layout["k_sink0"].shape == ("batch", config["kv_heads"], 6, 8)
+    assert layout["v_scale0"].shape[1:] == (1, 36 + 4, 1)
+    vocab = program.info.vocab_size
+    prompts = [data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=6)) for _ in range(2)]
+    steps = 13 - max(len(p) for p in prompts)  # total length <= sink + R + G - 1 = 13: nothing is quantized yet
+    torch.testing.assert_close(_decode_logits(quantized.program, prompts, steps),
+                               _decode_logits(program, prompts, steps), atol=1e-5, rtol=1e-5)
+
+
 def test_error_shrinks_with_bits_on_long_sequences():
     program = capture(tiny_decoder("qwen2", layers=2, head_dim=16, vocab=96, context=128, seed=3), max_len=96)
     prompts = [list(range(5, 45)), list(range(20, 70))]
@@ -109,5 +126,11 @@ def test_bad_configs_and_models_are_named():
         Pipeline.parse("kv-quant{bogus=1}")
     with pytest.raises(UnsupportedModelError, match="needs a decoder"):
         Pipeline.parse("kv-quant").passes[0].run(capture(tiny_vit()))
+    with pytest.raises(PipelineError, match="sink"):
+        Pipeline.parse("kv-quant{sink=-1}")
+    with pytest.raises(PipelineError, match="splits"):
+        Pipeline.parse("kv-quant{splits=0}")
+    with pytest.raises(UnsupportedModelError, match="layer 0: value group 24 must divide"):
+        Pipeline.parse("kv-quant{value_group=24}").passes[0].run(capture(tiny_decoder(layers=1), max_len=8))
     with pytest.raises(UnsupportedModelError, match="layer 5 has no fp k/v cache"):
         Pipeline.parse("kv-quant{layers=[5]}").passes[0].run(capture(tiny_decoder(layers=1), max_len=8))

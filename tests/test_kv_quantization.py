@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from inferpass.kernels.quantization import dequantize, pack, quantize, unpack
-from inferpass.kernels.quantized_cache import KVQuantSpec, allocate, append, attend, dequantized_keys_values
+from inferpass.kernels.quantized_cache import (KVQuantSpec, allocate, append, attend, dequantized_keys_values,
+                                               head_channels, token_channels)
 from inferpass.kernels.split_kv_reference import dense_attention
 
 
@@ -53,8 +54,9 @@ def test_bad_bits_and_widths_are_named():
         quantize(torch.zeros(4), 3, dim=-1)
     with pytest.raises(ValueError, match="not a multiple of 4"):
         pack(torch.zeros(2, 6, dtype=torch.uint8), 2)
-    with pytest.raises(ValueError, match="value group"):
-        KVQuantSpec(bits=4, group=16).value_group(24)
+    with pytest.raises(ValueError, match="value group 16 must divide the 1×24 channels"):
+        KVQuantSpec(bits=4, group=16).value_group_size(1, 24)
+    assert KVQuantSpec(group=16, value_group=48).value_group_size(3, 32) == 48  # groups may span heads
 
 
 def _fill(spec, keys, values, chunks):
@@ -72,9 +74,11 @@ def _fill(spec, keys, values, chunks):
 
 @st.composite
 def fills(draw):
-    spec = KVQuantSpec(bits=draw(st.sampled_from([2, 4, 8])), group=draw(st.sampled_from([2, 4, 8])),
-                       residual=draw(st.integers(1, 12)))
+    """A random spec (sinks, value groups spanning heads) and keys/values [2, 2, T, D] appended in random chunks."""
     d = draw(st.sampled_from([8, 16]))
+    spec = KVQuantSpec(bits=draw(st.sampled_from([2, 4, 8])), group=draw(st.sampled_from([2, 4, 8])),
+                       residual=draw(st.integers(1, 12)), sink=draw(st.integers(0, 5)),
+                       value_group=draw(st.sampled_from([None, d // 2, d, 2 * d])))
     chunks = draw(st.lists(st.integers(1, 9), min_size=1, max_size=8))
     seed = draw(st.integers(0, 2**16))
     keys, values = _tensor(seed, 2, 2, sum(chunks), d), _tensor(seed + 1, 2, 2, sum(chunks), d)
@@ -83,7 +87,7 @@ def fills(draw):
 
 @given(fill=fills())
 @settings(max_examples=25)
-def test_appends_never_change_existing_codes_and_window_is_bit_exact(fill):
+def test_appends_never_change_existing_codes_and_window_and_sinks_are_bit_exact(fill):
     spec, keys, values, chunks = fill
     states = _fill(spec, keys, values, chunks)
     n = 0
@@ -97,9 +101,16 @@ def test_appends_never_change_existing_codes_and_window_is_bit_exact(fill):
         for name in ("k_scale", "k_zero"):
             groups = n_q_before // spec.group
             assert torch.equal(getattr(before, name)[:, :, :groups], getattr(after, name)[:, :, :groups])
-        assert torch.equal(after.k_window[:, :, : n - n_q], keys[:, :, n_q:n])  # recent window: exact copies
-        assert torch.equal(after.v_window[:, :, : n - n_q], values[:, :, n_q:n])
-        assert n - n_q <= spec.window
+        recent = max(0, n - spec.sink - n_q)  # recent window: exact copies of the newest tokens
+        assert torch.equal(after.k_window[:, :, :recent], keys[:, :, n - recent : n])
+        assert torch.equal(after.v_window[:, :, :recent], values[:, :, n - recent : n])
+        assert recent <= spec.window
+        sinks = min(n, spec.sink)  # attention sinks: exact, for good
+        if spec.sink:
+            assert torch.equal(after.k_sink[:, :, :sinks], keys[:, :, :sinks])
+            assert torch.equal(after.v_sink[:, :, :sinks], values[:, :, :sinks])
+        else:
+            assert after.k_sink is None and len(after.tensors()) == 8
 
 
 @given(fill=fills())
@@ -111,11 +122,12 @@ def test_quantized_prefix_matches_direct_quantization(fill):
     got_k, got_v = dequantized_keys_values(final, spec)
     b, h, _, d = keys.shape
     if n_q:
-        ck, sk, zk = quantize(keys[:, :, :n_q].reshape(b, h, n_q // spec.group, spec.group, d), spec.bits, dim=3)
+        tail_k, tail_v = keys[:, :, spec.sink : spec.sink + n_q], values[:, :, spec.sink : spec.sink + n_q]
+        ck, sk, zk = quantize(tail_k.reshape(b, h, n_q // spec.group, spec.group, d), spec.bits, dim=3)
         torch.testing.assert_close(got_k[:, :, :n_q], dequantize(ck, sk, zk).reshape(b, h, n_q, d))
-        vg = spec.value_group(d)
-        cv, sv, zv = quantize(values[:, :, :n_q].reshape(b, h, n_q, d // vg, vg), spec.bits, dim=4)
-        torch.testing.assert_close(got_v[:, :, :n_q], dequantize(cv, sv, zv).reshape(b, h, n_q, d))
+        vg = spec.value_group_size(h, d)
+        cv, sv, zv = quantize(token_channels(tail_v, vg), spec.bits, dim=3)
+        torch.testing.assert_close(got_v[:, :, :n_q], head_channels(dequantize(cv, sv, zv), h))
 
 
 def _quantized_attention_error(spec, q, keys, values, prefix):

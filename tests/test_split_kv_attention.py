@@ -230,8 +230,10 @@ def test_kernels_compile_for_sm80_and_sm90_without_a_gpu():
                           capture_output=True, text=True, env=env | {"TRITON_DEFAULT_FP_FUSION": "1"}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in done.stdout.splitlines()]
-    assert {(r["arch"], r["kernel"], r["schedule"], r["dtype"]) for r in records} == {
-        (f"sm_{a}", kernel, s, d) for a in (80, 90) for d in ("fp32", "fp16", "bf16")
-        for s in ("single", "split", "stream-k") for kernel in ("_partials", "_reduce")
-        if not (kernel == "_reduce" and s == "single")}
+    split_kv = {(f"sm_{a}", kernel, s, d) for a in (80, 90) for d in ("fp32", "fp16", "bf16")
+                for s in ("single", "split", "stream-k") for kernel in ("_partials", "reduce_partials")
+                if not (kernel == "reduce_partials" and s == "single")}
+    quantized = {(f"sm_{a}", f"_quantized_partials[{bits}bit]", s, d) for a in (80, 90) for s in ("single", "split")
+                 for d, bits in (("fp32", 4), ("fp16", 2), ("fp16", 4), ("fp16", 8), ("bf16", 4))}
+    assert {(r["arch"], r["kernel"], r["schedule"], r["dtype"]) for r in records} == split_kv | quantized
     assert all(r["cubin_bytes"] > 0 and r["local_bytes"] == 0 for r in records), "kernels must not spill"

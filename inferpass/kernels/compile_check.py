@@ -1,7 +1,9 @@
-"""Compile the split-KV kernels ahead of time for NVIDIA GPUs, with no GPU present.
+"""Compile the decode-attention kernels ahead of time for NVIDIA GPUs, with no GPU present.
 
 ``python -m inferpass.kernels.compile_check [--arch 80 90]`` builds every schedule
-× dtype variant of ``_partials`` and ``_reduce`` to a cubin with ``triton.compile``
+× dtype variant of ``_partials`` and ``reduce_partials`` (split-KV attention) and the
+single/split × dtype × bits variants of ``_quantized_partials`` (fused dequantizing
+attention over a quantized cache) to a cubin with ``triton.compile``
 and a ``GPUTarget``, and prints registers, spills and shared memory per kernel.
 It must run without ``TRITON_INTERPRET`` (interpreted functions are not compiled).
 """
@@ -21,7 +23,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
 
-from inferpass.kernels import split_kv_triton as kernels
+from inferpass.kernels import kv_quant_triton, split_kv_triton as kernels
 
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
@@ -71,15 +73,25 @@ def compile_all(arch: int, *, head_dim: int = 128, group: int = 4, block_n: int 
             variants = [(kernels._partials, {**meta, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
                                              "UPCAST": False, "RECORD": False})]
             if schedule != "single":
-                variants.append((kernels._reduce, meta))
+                variants.append((kernels.reduce_partials, meta))
             for jit_fn, constexprs in variants:
                 compiled = triton_compile(ASTSource(jit_fn, _signature(jit_fn, dtype), constexprs), target=target)
-                records.append({
-                    "arch": f"sm_{arch}", "kernel": jit_fn.__name__, "schedule": schedule, "dtype": dtype,
-                    "shared_bytes": compiled.metadata.shared, "cubin_bytes": len(compiled.asm["cubin"]),
-                    **resource_usage(compiled.asm["cubin"]),
-                })
+                records.append(_record(arch, jit_fn.__name__, schedule, dtype, compiled))
+    for dtype, bits in (("fp32", 4), ("fp16", 2), ("fp16", 4), ("fp16", 8), ("bf16", 4)):
+        for schedule in ("single", "split"):
+            constexprs = dict(GROUP=group, HEAD_DIM=head_dim, BITS=bits, KEY_GROUP=32, VALUE_GROUP=32, BLOCK_M=16,
+                              BLOCK_D=head_dim, BLOCK_X=16, PRECISION="ieee" if dtype == "fp32" else "tf32",
+                              UPCAST=False, SINGLE=schedule == "single")
+            source = ASTSource(kv_quant_triton._quantized_partials, kv_quant_triton.kernel_signature(dtype), constexprs)
+            compiled = triton_compile(source, target=target)
+            records.append(_record(arch, f"_quantized_partials[{bits}bit]", schedule, dtype, compiled))
     return records
+
+
+def _record(arch: int, kernel: str, schedule: str, dtype: str, compiled) -> dict:
+    return {"arch": f"sm_{arch}", "kernel": kernel, "schedule": schedule, "dtype": dtype,
+            "shared_bytes": compiled.metadata.shared, "cubin_bytes": len(compiled.asm["cubin"]),
+            **resource_usage(compiled.asm["cubin"])}
 
 
 def main() -> None:

@@ -1,46 +1,77 @@
 """Ops over the quantized KV cache of ``quantized_cache``: attention, then append.
 
-    kv_quant_attention(q, new_k, new_v, start, cache[8], scale, bits, group, residual) -> out
-    kv_quant_append(new_k, new_v, start, cache[8], bits, group, residual) -> cache'[8]
+    kv_quant_attention(q, new_k, new_v, start, cache[8|10], scale, bits, group, residual, sink,
+                       value_group, splits) -> out
+    kv_quant_append(new_k, new_v, start, cache[8|10], bits, group, residual, sink, value_group) -> cache'
 
-``cache`` is a layer's eight tensors in ``LayerCache`` order; ``new_k``/``new_v``
-``[B, H, S, D]`` are the call's new tokens (after RoPE) at positions ``start + i``.
-The query and new-token arguments come first so structure recovery finds the
-projections feeding them. References: ``quantized_cache.attend`` / ``append`` (aten
-only, traceable); they are also the CPU implementation.
+``cache`` is a layer's tensors in ``LayerCache`` order (10 with sinks); ``new_k``/``new_v``
+``[B, H, S, D]`` are the call's new tokens (after RoPE) at positions ``start + i``;
+``splits`` is the split-KV program count per (row, KV head) on a GPU (-1: planner's choice).
+The query and new-token arguments come first so structure recovery finds the projections
+feeding them. Implementations of the attention:
+
+* reference (and what lowering decomposes to): ``quantized_cache.attend``, which expands the
+  whole store (aten only, traceable);
+* CPU kernel: ``quantized_attention.quantized_cache_attention``, the valid prefix a chunk at a time;
+* CUDA kernel: the fused dequantizing Triton kernels of ``kv_quant_triton``.
+
+The append is functional (``quantized_cache.append``) on every device.
 """
 
 from __future__ import annotations
 
 import torch
 
-from inferpass.ir.ops import define_op
+from inferpass.ir.ops import define_op, register_kernel
+from inferpass.kernels.quantized_attention import quantized_cache_attention
 from inferpass.kernels.quantized_cache import KVQuantSpec, LayerCache, append, attend
 
 
-def _spec(bits: int, group: int, residual: int) -> KVQuantSpec:
-    return KVQuantSpec(bits=bits, group=group, residual=residual)
+def _spec(bits: int, group: int, residual: int, sink: int, value_group: int) -> KVQuantSpec:
+    return KVQuantSpec(bits=bits, group=group, residual=residual, sink=sink, value_group=value_group)
 
 
-def _attention(q, new_k, new_v, start, cache, scale: float, bits: int, group: int, residual: int):
-    return attend(q, LayerCache(*cache), new_k, new_v, start, scale, _spec(bits, group, residual))
+def _attention(q, new_k, new_v, start, cache, scale: float, bits: int, group: int, residual: int, sink: int,
+               value_group: int, splits: int):
+    return attend(q, LayerCache(*cache), new_k, new_v, start, scale, _spec(bits, group, residual, sink, value_group))
 
 
-def _append(new_k, new_v, start, cache, bits: int, group: int, residual: int):
-    return list(append(LayerCache(*cache), new_k, new_v, start, _spec(bits, group, residual)))
+def _append(new_k, new_v, start, cache, bits: int, group: int, residual: int, sink: int, value_group: int):
+    return append(LayerCache(*cache), new_k, new_v, start, _spec(bits, group, residual, sink, value_group)).tensors()
 
 
 KV_QUANT_ATTENTION = define_op(
     "kv_quant_attention",
     "(Tensor q, Tensor new_k, Tensor new_v, Tensor start, Tensor[] cache, float scale, int bits, int group,"
-    " int residual) -> Tensor",
+    " int residual, int sink, int value_group, int splits) -> Tensor",
     reference=_attention,
-    fake=lambda q, new_k, new_v, start, cache, scale, bits, group, residual: torch.empty_like(q),
+    fake=lambda q, new_k, new_v, start, cache, scale, bits, group, residual, sink, value_group, splits:
+        torch.empty_like(q),
     role="attention",
 )
 KV_QUANT_APPEND = define_op(
     "kv_quant_append",
-    "(Tensor new_k, Tensor new_v, Tensor start, Tensor[] cache, int bits, int group, int residual) -> Tensor[]",
+    "(Tensor new_k, Tensor new_v, Tensor start, Tensor[] cache, int bits, int group, int residual, int sink,"
+    " int value_group) -> Tensor[]",
     reference=_append,
-    fake=lambda new_k, new_v, start, cache, bits, group, residual: [torch.empty_like(t) for t in cache],
+    fake=lambda new_k, new_v, start, cache, bits, group, residual, sink, value_group:
+        [torch.empty_like(t) for t in cache],
 )
+
+
+def _cpu_attention(q, new_k, new_v, start, cache, scale: float, bits: int, group: int, residual: int, sink: int,
+                   value_group: int, splits: int):
+    spec = _spec(bits, group, residual, sink, value_group)
+    return quantized_cache_attention(q, LayerCache(*cache), new_k, new_v, start, scale, spec)[0]
+
+
+def _cuda_attention(q, new_k, new_v, start, cache, scale: float, bits: int, group: int, residual: int, sink: int,
+                    value_group: int, splits: int):
+    from inferpass.kernels.kv_quant_triton import kv_quant_attention_triton
+
+    spec = _spec(bits, group, residual, sink, value_group)
+    return kv_quant_attention_triton(q, LayerCache(*cache), new_k, new_v, start, scale, spec, splits=splits)[0]
+
+
+register_kernel("kv_quant_attention", "cpu", _cpu_attention)
+register_kernel("kv_quant_attention", "cuda", _cuda_attention)

@@ -43,12 +43,14 @@ def visible_slots(start: torch.Tensor, q_len: int, cache_len: int) -> torch.Tens
     return (slots[None, None, :] <= positions[:, :, None])[:, None, None]
 
 
-def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+def grouped_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[B, H, S, D]`` -> fp32 ``[B, H_kv, H/H_kv, S, D]``: the query heads that share a KV head, together."""
     b, h, s, d = q.shape
     return q.float().reshape(b, kv_heads, h // kv_heads, s, d)
 
 
-def _finish(state: AttentionState, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def finish_state(state: AttentionState, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``[B, H_kv, G, S]`` state -> ``(out [B, H, S, D] in q's dtype, lse [B, H, S])``."""
     b, h, s, d = q.shape
     return state.o.reshape(b, h, s, d).to(q.dtype), state.lse.reshape(b, h, s)
 
@@ -56,9 +58,9 @@ def _finish(state: AttentionState, q: torch.Tensor) -> tuple[torch.Tensor, torch
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention over the whole cache with the visibility mask (exact in fp32; traceable)."""
-    qg = _grouped(q, k.shape[1])
+    qg = grouped_queries(q, k.shape[1])
     scores = qg @ k.float()[:, :, None].transpose(-1, -2) * scale  # [B, Hkv, G, S, L]
-    return _finish(chunk_state(scores, visible_slots(start, q.shape[2], k.shape[2]), v[:, :, None, None]), q)
+    return finish_state(chunk_state(scores, visible_slots(start, q.shape[2], k.shape[2]), v[:, :, None, None]), q)
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, scale: float,
@@ -79,6 +81,6 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: 
         kc, vc = torch.nn.functional.pad(kc, pad), torch.nn.functional.pad(vc, pad)
     kc = kc.reshape(b, kv_heads, pieces, chunk, d)
     vc = vc.reshape(b, kv_heads, 1, 1, pieces, chunk, d)
-    scores = torch.einsum("bkgsd,bkpcd->bkgspc", _grouped(q, kv_heads), kc) * scale
+    scores = torch.einsum("bkgsd,bkpcd->bkgspc", grouped_queries(q, kv_heads), kc) * scale
     visible = visible_slots(start, q_len, padded).reshape(b, 1, 1, q_len, pieces, chunk)
-    return _finish(merge_along(chunk_state(scores, visible, vc), dim=-1), q)
+    return finish_state(merge_along(chunk_state(scores, visible, vc), dim=-1), q)

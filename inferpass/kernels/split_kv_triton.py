@@ -6,7 +6,7 @@ computes it with an online softmax: one (batch row, KV head) at a time, the
 stacked as ``G·S`` rows, so every KV byte is loaded once per group. The runs are
 computed on the device from ``start`` (no host sync): for stream-K each program
 walks its run across head boundaries, writing one partial ``(o, lse)`` per head
-segment. ``_reduce`` merges a head's partials exactly (empty runs are skipped).
+segment. ``reduce_partials`` merges a head's partials exactly (empty runs are skipped).
 With the ``single`` schedule the partial kernel writes the final output directly.
 
 Contract: ``split_kv_reference`` (shapes, visibility, dtypes). Works under
@@ -43,14 +43,10 @@ def _pick(vector, index, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
-def _attend(Q, K, V, Start, b, kvh, tile_lo, tile_hi, q_len, cache_len, scale,
-            sqb, sqh, sqs, skb, skh, skl, svb, svh, svl,
-            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-            BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Online softmax of the group's rows over tiles ``[tile_lo, tile_hi)`` of head (b, kvh).
-
-    Returns ``(o, lse)``: ``o`` ``[BLOCK_M, BLOCK_D]`` normalized, ``lse`` ``[BLOCK_M]`` (-inf: nothing seen).
-    """
+def load_queries(Q, b, kvh, q_len, sqb, sqh, sqs, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """The ``G·S`` query rows of KV head (b, kvh) as ``[BLOCK_M, BLOCK_D]`` (row ``r``: head ``kvh·G + r // S``,
+    token ``r % S``), plus the row mask and each row's token index ``i``."""
     r = tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     row_ok = r < GROUP * q_len
@@ -59,6 +55,20 @@ def _attend(Q, K, V, Start, b, kvh, tile_lo, tile_hi, q_len, cache_len, scale,
     q = tl.load(q_ptr[:, None] + d[None, :], mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    return q, row_ok, i
+
+
+@triton.jit
+def _attend(Q, K, V, Start, b, kvh, tile_lo, tile_hi, q_len, cache_len, scale,
+            sqb, sqh, sqs, skb, skh, skl, svb, svh, svl,
+            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax of the group's rows over tiles ``[tile_lo, tile_hi)`` of head (b, kvh).
+
+    Returns ``(o, lse)``: ``o`` ``[BLOCK_M, BLOCK_D]`` normalized, ``lse`` ``[BLOCK_M]`` (-inf: nothing seen).
+    """
+    q, row_ok, i = load_queries(Q, b, kvh, q_len, sqb, sqh, sqs, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D, UPCAST)
+    d = tl.arange(0, BLOCK_D)
     start = tl.load(Start + b)
     position = start + i
     length = tl.minimum(start + q_len, cache_len)
@@ -73,17 +83,29 @@ def _attend(Q, K, V, Start, b, kvh, tile_lo, tile_hi, q_len, cache_len, scale,
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         visible = row_ok[:, None] & (n[None, :] <= position[:, None]) & (n[None, :] < length)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - ref)
-        p = tl.exp(s - ref[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
         v = tl.load(V + b * svb + kvh * svh + n[:, None] * svl + d[None, :], mask=kv_ok, other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l_sum, acc = softmax_step(m, l_sum, acc, tl.where(visible, s, float("-inf")), v, PRECISION)
+    return finish(m, l_sum, acc)
+
+
+@triton.jit
+def softmax_step(m, l_sum, acc, s, v, PRECISION: tl.constexpr):
+    """One online-softmax step: fold masked scores ``s`` ``[M, N]`` (-inf = hidden) and values ``v``
+    ``[N, D]`` into the running max ``m``, sum ``l_sum`` and unnormalized output ``acc``."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - ref)
+    p = tl.exp(s - ref[:, None])
+    l_sum = l_sum * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_sum, acc
+
+
+@triton.jit
+def finish(m, l_sum, acc):
+    """``(o, lse)`` of a running state: ``o = acc / l``, ``lse = m + log l``; empty rows give ``(0, -inf)``."""
     empty = l_sum == 0.0
     o = acc / tl.where(empty, 1.0, l_sum)[:, None]
     lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l_sum)))
@@ -91,7 +113,7 @@ def _attend(Q, K, V, Start, b, kvh, tile_lo, tile_hi, q_len, cache_len, scale,
 
 
 @triton.jit
-def _store_rows(Out, Lse, o, lse, b, kvh, q_len, sob, soh, sos, slb, slh,
+def store_rows(Out, Lse, o, lse, b, kvh, q_len, sob, soh, sos, slb, slh,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Write the group's rows to ``out[b, kvh·G + g, i]`` and ``lse[b, kvh·G + g, i]``."""
     r = tl.arange(0, BLOCK_M)
@@ -106,7 +128,7 @@ def _store_rows(Out, Lse, o, lse, b, kvh, q_len, sob, soh, sos, slb, slh,
 
 
 @triton.jit
-def _store_partial(PartO, PartLse, slot, o, lse, rows,
+def store_partial(PartO, PartLse, slot, o, lse, rows,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Write a partial state to ``slot`` of the ``[slots, rows, HEAD_DIM]`` scratch buffers."""
     r = tl.arange(0, BLOCK_M)
@@ -147,7 +169,7 @@ def _partials(Q, K, V, Start, Out, Lse, PartO, PartLse, TileCount,
                              scale, sqb, sqh, sqs, skb, skh, skl, svb, svh, svl,
                              GROUP, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, PRECISION, UPCAST)
             head = b * kv_heads + kvh
-            _store_partial(PartO, PartLse, head + pid, o, lse, rows, HEAD_DIM, BLOCK_M, BLOCK_D)
+            store_partial(PartO, PartLse, head + pid, o, lse, rows, HEAD_DIM, BLOCK_M, BLOCK_D)
             if RECORD:
                 for tile in range(t - head_begin, seg_end - head_begin):
                     tl.atomic_add(TileCount + head * max_tiles + tile, 1)
@@ -164,16 +186,16 @@ def _partials(Q, K, V, Start, Out, Lse, PartO, PartLse, TileCount,
                          sqb, sqh, sqs, skb, skh, skl, svb, svh, svl,
                          GROUP, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, PRECISION, UPCAST)
         if SCHEDULE == 0:
-            _store_rows(Out, Lse, o, lse, b, kvh, q_len, sob, soh, sos, slb, slh, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
+            store_rows(Out, Lse, o, lse, b, kvh, q_len, sob, soh, sos, slb, slh, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
         else:
-            _store_partial(PartO, PartLse, pid, o, lse, rows, HEAD_DIM, BLOCK_M, BLOCK_D)
+            store_partial(PartO, PartLse, pid, o, lse, rows, HEAD_DIM, BLOCK_M, BLOCK_D)
         if RECORD:
             for tile in range(lo, hi):
                 tl.atomic_add(TileCount + head * max_tiles + tile, 1)
 
 
 @triton.jit
-def _reduce(Start, Out, Lse, PartO, PartLse, sob, soh, sos, slb, slh,
+def reduce_partials(Start, Out, Lse, PartO, PartLse, sob, soh, sos, slb, slh,
             batch, kv_heads, q_len, cache_len, programs, splits,
             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SCHEDULE: tl.constexpr):
@@ -193,7 +215,6 @@ def _reduce(Start, Out, Lse, PartO, PartLse, sob, soh, sos, slb, slh,
         p_hi = ((first_tile + n) * programs - 1) // total + 1
         slot_base = head
     else:
-        n = tl.cdiv(tl.minimum(tl.load(Start + b) + q_len, cache_len), BLOCK_N)
         p_lo = head * splits
         p_hi = p_lo + splits
         slot_base = 0
@@ -201,12 +222,11 @@ def _reduce(Start, Out, Lse, PartO, PartLse, sob, soh, sos, slb, slh,
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for p in range(p_lo, p_hi):
-        if SCHEDULE == 2:
-            ran = (p * total // programs) < ((p + 1) * total // programs)
-        else:
-            ran = ((p - p_lo) * n // splits) < ((p - p_lo + 1) * n // splits)
+        if SCHEDULE == 2:  # a program whose run missed this head wrote no partial for it
+            take = r < tl.where((p * total // programs) < ((p + 1) * total // programs), rows, 0)
+        else:  # every split writes its partial, an empty one as the identity state
+            take = r < rows
         slot = slot_base + p
-        take = r < tl.where(ran, rows, 0)
         lse_p = tl.load(PartLse + slot * rows + r, mask=take, other=float("-inf"))
         o_p = tl.load(PartO + (slot * rows + r[:, None]) * HEAD_DIM + d[None, :],
                       mask=take[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
@@ -217,10 +237,8 @@ def _reduce(Start, Out, Lse, PartO, PartLse, sob, soh, sos, slb, slh,
         acc = acc * alpha[:, None] + o_p * w[:, None]
         l_sum = l_sum * alpha + w
         m = m_new
-    empty = l_sum == 0.0
-    o = acc / tl.where(empty, 1.0, l_sum)[:, None]
-    lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l_sum)))
-    _store_rows(Out, Lse, o, lse, b, kvh, q_len, sob, soh, sos, slb, slh, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
+    o, lse = finish(m, l_sum, acc)
+    store_rows(Out, Lse, o, lse, b, kvh, q_len, sob, soh, sos, slb, slh, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
 
 
 _SCHEDULE_CODE = {"single": 0, "split": 1, "stream-k": 2}
@@ -266,7 +284,7 @@ def split_kv_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         **meta,
     )
     if plan.schedule != "single":
-        _reduce[(plan.heads,)](
+        reduce_partials[(plan.heads,)](
             start, out, lse, part_o, part_lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
             lse.stride(1), batch, kv_heads, q_len, cache_len, plan.programs, plan.splits, **meta,
         )

@@ -2,15 +2,18 @@
 
 Source: KIVI (Liu et al. 2024), TECHNIQUES.md §2. For each selected layer, in every
 graph (prefill and decode share the cache), the layer's two fp cache tensors become
-the eight tensors of ``kernels.quantized_cache`` (packed codes, fp16 scales and zeros,
+the eight (ten with sinks) tensors of ``kernels.quantized_cache`` (packed codes, fp16 scales and zeros,
 fp windows); its cache writes become ``kv_quant_append`` and its attention
 ``kv_quant_attention`` (attend over the quantized prefix + window + new tokens, then
 append). The Program's ``CacheLayout`` changes accordingly, so the runtime allocates
 the packed tensors and ``KV-cache bytes`` in reports shrink.
 
 Approximate: keys/values older than the window are rounded to ``bits`` bits (error
-≤ scale/2 per element); sequences no longer than ``residual + group`` tokens are
-exact. Identity: ``layers=[]``.
+≤ scale/2 per element); the first ``sink`` tokens and the recent window stay exact, so
+sequences no longer than ``sink + residual + group`` tokens are exact. On a GPU the
+attention is the fused dequantizing split-KV kernel (``kernels.kv_quant_triton``), so it
+composes with ``lean-attention``, which handles the layers left unquantized. Identity:
+``layers=[]``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from __future__ import annotations
 import operator
 
 import torch
-from pydantic import Field, model_validator
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from inferpass.errors import UnsupportedModelError
 from inferpass.ir.graph_utils import fake_value, refresh, set_user_io, user_inputs
@@ -34,23 +39,35 @@ _STAT_FIELDS = {"k_scale", "k_zero", "v_scale", "v_zero"}
 
 
 class KVQuantConfig(PassConfig):
-    """bits (2/4/8), group, residual: see ``KVQuantSpec``; layers: layer indices to quantize (None = all,
-    [] = identity); bits_per_layer: per-layer bit overrides, e.g. ``{0: 8}``."""
+    """bits (2/4/8), group, residual, sink, value_group: see ``KVQuantSpec``; layers: layer indices to
+    quantize (None = all, [] = identity); bits_per_layer: per-layer bit overrides, e.g. ``{0: 8}``;
+    splits: split-KV programs per (row, KV head) of the GPU kernel (auto = Flash-Decoding heuristic)."""
 
     bits: int = 4
     group: int = 32
     residual: int = 32
+    sink: int = 0
+    value_group: int | None = None
     layers: list[int] | None = None
     bits_per_layer: dict[int, int] = Field(default_factory=dict)
+    splits: Literal["auto"] | int = "auto"
+
+    @field_validator("splits")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("splits must be 'auto' or >= 1")
+        return value
 
     @model_validator(mode="after")
     def _valid_specs(self):
         for layer in (None, *self.bits_per_layer):
-            self.spec(layer)  # KVQuantSpec checks bits, group and residual
+            self.spec(layer)  # KVQuantSpec checks bits, group, residual, sink and value_group
         return self
 
     def spec(self, layer: int | None) -> KVQuantSpec:
-        return KVQuantSpec(bits=self.bits_per_layer.get(layer, self.bits), group=self.group, residual=self.residual)
+        return KVQuantSpec(bits=self.bits_per_layer.get(layer, self.bits), group=self.group, residual=self.residual,
+                           sink=self.sink, value_group=self.value_group)
 
 
 @register_pass
@@ -75,7 +92,10 @@ class KVQuant(Pass):
                 raise UnsupportedModelError(f"pass '{self.name}': layer {layer} has no fp k/v cache to quantize "
                                             f"(layers with one: {sorted(k for k, v in by_layer.items() if set(v) == {'k', 'v'})})")
             k = by_layer[layer]["k"]
-            self.config.spec(layer).value_group(int(k.shape[3]))  # head_dim must fit the groups
+            try:
+                self.config.spec(layer).value_group_size(int(k.shape[1]), int(k.shape[3]))
+            except ValueError as err:
+                raise UnsupportedModelError(f"pass '{self.name}', layer {layer}: {err}") from err
         if not layers:
             return PassResult(program, changed=False, stats={"layers": 0})
         layout = self._layout(program.cache, set(layers))
@@ -128,9 +148,12 @@ class KVQuant(Pass):
                     node.meta["val"] = torch.empty((batch, *t.shape[1:]), dtype=t.torch_dtype())
                 cache_nodes.append(node)
             new_inputs[block.index] = cache_nodes[0]
-            params = (spec.bits, spec.group, spec.residual)
+            kv = fake_value(site.new["k"]).shape
+            params = (spec.bits, spec.group, spec.residual, spec.sink, spec.value_group_size(kv[1], kv[3]))
+            splits = -1 if self.config.splits == "auto" else self.config.splits
             out = insert_like(site.attention, KV_QUANT_ATTENTION.overload,
-                              (site.query, site.new["k"], site.new["v"], start, cache_nodes, site.scale, *params))
+                              (site.query, site.new["k"], site.new["v"], start, cache_nodes, site.scale, *params,
+                               splits))
             site.attention.replace_all_uses_with(out)
             ep.graph.erase_node(site.attention)
             written = insert_like(output, KV_QUANT_APPEND.overload,
