@@ -49,11 +49,11 @@ def peak_bandwidth(device: torch.device) -> tuple[float, str]:
                 return float(gbps), f"spec sheet ({name})"
     src = torch.empty(256 * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
-    seconds = _time(lambda: dst.copy_(src), device)
+    seconds = time_call(lambda: dst.copy_(src), device)
     return 2 * src.numel() * 4 / seconds / 1e9, "measured copy"
 
 
-def _time(fn, device: torch.device, repeats: int = 7) -> float:
+def time_call(fn, device: torch.device, repeats: int = 7) -> float:
     """Median seconds per call."""
     if device.type == "cuda":
         from triton.testing import do_bench
@@ -141,7 +141,7 @@ def main() -> None:
                 v = torch.randn_like(k)
                 start = torch.full((batch,), int(args.fill * context) - 1, device=device, dtype=torch.long)
                 read = kv_bytes * (int(args.fill * context) / context)
-                times = {name: _time(fn, device) for name, fn in candidates(q, k, v, start, device).items()
+                times = {name: time_call(fn, device) for name, fn in candidates(q, k, v, start, device).items()
                          if _runs(fn)}
                 best_sdpa = min(t for n, t in times.items() if n.startswith("sdpa"))
                 for name, seconds in times.items():

@@ -13,7 +13,8 @@ feeding them. Implementations of the attention:
 * reference (and what lowering decomposes to): ``quantized_cache.attend``, which expands the
   whole store (aten only, traceable);
 * CPU kernel: ``quantized_attention.quantized_cache_attention``, the valid prefix a chunk at a time;
-* CUDA kernel: the fused dequantizing Triton kernels of ``kv_quant_triton``.
+* CUDA kernel: the fused dequantizing Triton kernels of ``kv_quant_triton`` (key groups that are no
+  power of two >= 16 fall back to the chunked torch kernel).
 
 The append is functional (``quantized_cache.append``) on every device.
 """
@@ -65,11 +66,18 @@ def _cpu_attention(q, new_k, new_v, start, cache, scale: float, bits: int, group
     return quantized_cache_attention(q, LayerCache(*cache), new_k, new_v, start, scale, spec)[0]
 
 
+def fused_kernel_supports(spec: KVQuantSpec) -> bool:
+    """Whether the fused Triton kernel takes ``spec``: its key group is the tile, a power of two >= 16."""
+    return spec.group >= 16 and not spec.group & (spec.group - 1)
+
+
 def _cuda_attention(q, new_k, new_v, start, cache, scale: float, bits: int, group: int, residual: int, sink: int,
                     value_group: int, splits: int):
+    spec = _spec(bits, group, residual, sink, value_group)
+    if not fused_kernel_supports(spec):
+        return quantized_cache_attention(q, LayerCache(*cache), new_k, new_v, start, scale, spec)[0]
     from inferpass.kernels.kv_quant_triton import kv_quant_attention_triton
 
-    spec = _spec(bits, group, residual, sink, value_group)
     return kv_quant_attention_triton(q, LayerCache(*cache), new_k, new_v, start, scale, spec, splits=splits)[0]
 
 

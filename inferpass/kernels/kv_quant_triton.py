@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from inferpass.kernels.kv_quant_op import fused_kernel_supports
 from inferpass.kernels.quantized_attention import fp_extras
 from inferpass.kernels.quantized_cache import KVQuantSpec, LayerCache
 from inferpass.kernels.split_kv_op import cached_plan, device_workers
@@ -113,7 +114,7 @@ def kv_quant_attention_triton(q: torch.Tensor, cache: LayerCache, new_k: torch.T
     if q.dtype not in _DTYPES:
         raise ValueError(f"kv_quant_attention: q must be one of {_DTYPES}, got {q.dtype}")
     g = spec.group
-    if g < 16 or g & (g - 1):
+    if not fused_kernel_supports(spec):
         raise ValueError(f"kv_quant_attention (Triton): group must be a power of two >= 16 (it is the key tile), "
                          f"got {g}")
     batch, heads, q_len, head_dim = q.shape

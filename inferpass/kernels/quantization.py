@@ -49,15 +49,17 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per_byte = 8 // bits
     if codes.shape[-1] % per_byte:
         raise ValueError(f"last axis {codes.shape[-1]} is not a multiple of {per_byte} ({bits}-bit packing)")
-    grouped = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte).to(torch.int32)
-    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
-    return (grouped << shifts).sum(-1).to(torch.uint8)
+    grouped = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
+    packed = grouped[..., 0]
+    for i in range(1, per_byte):
+        packed = packed | (grouped[..., i] << (i * bits))
+    return packed.contiguous()
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of ``pack``: uint8 ``[..., n]`` -> codes uint8 ``[..., n · 8 / bits]``."""
+    """Inverse of ``pack``: uint8 ``[..., n]`` -> codes uint8 ``[..., n · 8 / bits]`` (shifts on uint8, no widening)."""
     check_bits(bits)
     per_byte = 8 // bits
-    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
-    codes = (packed.to(torch.int32)[..., None] >> shifts) & (2**bits - 1)
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte).to(torch.uint8)
+    mask = 2**bits - 1
+    codes = torch.stack([(packed >> (i * bits)) & mask for i in range(per_byte)], dim=-1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)

@@ -50,7 +50,7 @@ def _state(qg: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: 
 
 def quantized_cache_attention(q: torch.Tensor, cache: LayerCache, new_k: torch.Tensor, new_v: torch.Tensor,
                               start: torch.Tensor, scale: float, spec: KVQuantSpec,
-                              chunk_groups: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+                              chunk_groups: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, S, D] in q's dtype, lse [B, Hq, S] fp32)`` of ``q`` at positions ``start + i`` over
     the cache and the new tokens (contract of ``quantized_cache.attend``), reading only the valid
     quantized prefix, ``chunk_groups`` key groups at a time."""

@@ -60,6 +60,14 @@ def cached_plan(batch: int, kv_heads: int, cache_len: int, workers: int, schedul
                                  splits="auto" if splits < 0 else splits, block_n=block_n)
 
 
+REFERENCE_SMS = 132  # plans shown without a GPU are for an H100 SXM
+
+
+def planning_workers() -> int:
+    """SMs of the local GPU, or ``REFERENCE_SMS`` without one: the device ``--explain`` shows plans for."""
+    return device_workers(torch.device("cuda")) if torch.cuda.is_available() else REFERENCE_SMS
+
+
 def device_workers(device: torch.device) -> int:
     """Programs the device runs at once: SMs on CUDA, threads on CPU."""
     if device.type == "cuda":

@@ -29,8 +29,9 @@ from inferpass.errors import UnsupportedModelError
 from inferpass.ir.graph_utils import fake_value, refresh, set_user_io, user_inputs
 from inferpass.ir.program import BATCH, DECODER_INPUTS, CacheLayout, CacheTensor, Program
 from inferpass.ir.structure import recover_structure
-from inferpass.kernels.kv_quant_op import KV_QUANT_APPEND, KV_QUANT_ATTENTION
 from inferpass.kernels.quantized_cache import STATS_DTYPE, KVQuantSpec
+from inferpass.kernels.kv_quant_op import KV_QUANT_APPEND, KV_QUANT_ATTENTION, fused_kernel_supports
+from inferpass.kernels.split_kv_op import cached_plan, planning_workers
 from inferpass.passes.base import Pass, PassConfig, PassResult, register_pass
 from inferpass.passes.cache_attention import cache_attention, insert_like
 
@@ -98,16 +99,26 @@ class KVQuant(Pass):
                 raise UnsupportedModelError(f"pass '{self.name}', layer {layer}: {err}") from err
         if not layers:
             return PassResult(program, changed=False, stats={"layers": 0})
-        layout = self._layout(program.cache, set(layers))
+        layout = self.quantized_layout(program.cache, set(layers))
         for name in list(program.graphs):
             program.graphs[name] = self._rewrite(program, name, set(layers), layout)
         before = program.cache.nbytes(1)
         program.cache = layout
+        kv_heads = int(by_layer[layers[0]]["k"].shape[1])
+        capacity = self.config.spec(None).capacity(layout.max_len)
+        splits = -1 if self.config.splits == "auto" else self.config.splits
+        if fused_kernel_supports(self.config.spec(None)):
+            plans = {f"plan batch {b}": cached_plan(b, kv_heads, capacity, planning_workers(), "split", splits,
+                                                   self.config.group).describe() for b in (1, 8, 32)}
+        else:
+            plans = {"plan": f"group {self.config.group} is no power of two >= 16: no fused GPU kernel, a GPU runs "
+                             "the chunked torch kernel"}
         return PassResult(program, changed=True, stats={
             "layers": len(layers), "cache_bytes_per_sequence": layout.nbytes(1),
-            "compression_vs_before": round(before / layout.nbytes(1), 2)})
+            "compression_vs_before": round(before / layout.nbytes(1), 2), **plans})
 
-    def _layout(self, cache: CacheLayout, layers: set[int]) -> CacheLayout:
+    def quantized_layout(self, cache: CacheLayout, layers: set[int]) -> CacheLayout:
+        """``cache`` with the fp k/v tensors of ``layers`` replaced by their quantized tensors."""
         tensors = []
         for t in cache.tensors:
             if t.layer not in layers:

@@ -25,12 +25,9 @@ from inferpass.errors import UnsupportedModelError
 from inferpass.ir.graph_utils import refresh, user_inputs
 from inferpass.ir.program import Program
 from inferpass.ir.structure import recover_structure
-from inferpass.kernels.split_kv_op import SPLIT_KV_ATTENTION, cached_plan, device_workers
+from inferpass.kernels.split_kv_op import SPLIT_KV_ATTENTION, cached_plan, planning_workers
 from inferpass.passes.base import Pass, PassConfig, PassResult, register_pass
 from inferpass.passes.cache_attention import cache_attention, insert_like
-
-REFERENCE_SMS = 132  # plans shown without a GPU are for an H100 SXM
-
 
 class LeanAttentionConfig(PassConfig):
     """schedule: auto | single | split | stream-k; splits: split count for ``split`` (auto or N ≥ 1);
@@ -73,8 +70,7 @@ class LeanAttention(Pass):
             if name not in program.graphs:
                 raise UnsupportedModelError(f"pass '{self.name}': no graph '{name}' (graphs: {sorted(program.graphs)})")
             rewritten += self._rewrite(program, name)
-        workers = device_workers(torch.device("cuda")) if torch.cuda.is_available() else REFERENCE_SMS
-        stats = {"attention_sites": rewritten, **(self.plans(program, workers) if rewritten else {})}
+        stats = {"attention_sites": rewritten, **(self.plans(program, planning_workers()) if rewritten else {})}
         return PassResult(program, changed=rewritten > 0, stats=stats)
 
     def plans(self, program: Program, workers: int, batches: tuple[int, ...] = (1, 8, 32)) -> dict[str, str]:

@@ -54,10 +54,15 @@ class Generator:
         logits = None
         for length in sorted(set(lengths.tolist())):
             rows = torch.nonzero(lengths == length).flatten()
+            whole = len(rows) == len(prompts)  # one length for all: no gather/scatter copies of the cache
             start = cache.lengths[rows]
             graph = "decode" if length == 1 else "prefill"
-            out, *written = self.executable.run(graph, ids[rows, :length], start, *cache.rows(rows))
-            cache.advance_rows(rows, tuple(written), length)
+            out, *written = self.executable.run(graph, ids[rows, :length], start,
+                                                *(cache.tensors if whole else cache.rows(rows)))
+            if whole:
+                cache.advance(tuple(written), lengths)
+            else:
+                cache.advance_rows(rows, tuple(written), length)
             if logits is None:
                 logits = out.new_zeros(len(prompts), ids.shape[1], out.shape[-1])
             logits[rows, :length] = out
