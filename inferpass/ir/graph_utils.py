@@ -48,6 +48,17 @@ def skip_aliases(node):
     return node
 
 
+def ancestors(node: Node, stop: frozenset[Node] | set[Node] = frozenset()) -> set[Node]:
+    """Every node ``node`` depends on, without walking into or past the nodes in ``stop``."""
+    seen, stack = set(), [node]
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in seen and parent not in stop:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
 def module_scopes(node: Node) -> list[tuple[str, str]]:
     """The node's module stack as (path, class name), outermost first, wrapper prefix removed."""
     stack = node.meta.get("nn_module_stack") or {}

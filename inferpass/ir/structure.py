@@ -20,6 +20,7 @@ from torch.fx import Node
 from inferpass.errors import UnsupportedModelError
 from inferpass.ir.graph_utils import (
     LINEAR_TARGETS,
+    ancestors,
     fake_value,
     in_scope,
     module_scopes,
@@ -244,15 +245,10 @@ def _residual_adds(block_input: Node, nodes: list[Node]) -> list[Node]:
     return adds
 
 
-def _ancestors(node: Node, stop: set[Node]) -> list[Node]:
-    seen, queue = set(), deque([node])
-    while queue:
-        n = queue.popleft()
-        for a in n.all_input_nodes:
-            if a not in seen and a not in stop and a.op == "call_function":
-                seen.add(a)
-                queue.append(a)
-    return [n for n in node.graph.nodes if n in seen]
+def _ancestor_ops(node: Node, stop: set[Node]) -> list[Node]:
+    """The call_function nodes ``node`` depends on (not past ``stop``), in graph order."""
+    found = ancestors(node, stop)
+    return [n for n in node.graph.nodes if n in found and n.op == "call_function"]
 
 
 def recover_structure(ep: ExportedProgram, hidden_size: int, cache: CacheLayout | None = None) -> ModelStructure:
@@ -301,7 +297,7 @@ def recover_structure(ep: ExportedProgram, hidden_size: int, cache: CacheLayout 
                 )
             block.attention.cache_writes[spec.name] = writer
     in_blocks = {n for b in blocks for n in b.nodes}
-    embedding = [n for n in _ancestors(blocks[0].input, set()) if n not in in_blocks] + [blocks[0].input]
-    tail = _ancestors(head, {blocks[-1].output})
+    embedding = [n for n in _ancestor_ops(blocks[0].input, set()) if n not in in_blocks] + [blocks[0].input]
+    tail = _ancestor_ops(head, {blocks[-1].output})
     final_norm = [n for n in tail if n not in in_blocks and any(_NORM_CLASS.search(c) for _, c in module_scopes(n))]
     return ModelStructure(embedding, blocks, final_norm, head)

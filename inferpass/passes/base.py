@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from inferpass.errors import PipelineError
 from inferpass.ir.program import Program
+
+
+def _auto_or_positive(value):
+    if value != "auto" and value < 1:
+        raise ValueError("must be 'auto' or >= 1")
+    return value
+
+
+AutoOrPositive = Annotated[Literal["auto"] | int, AfterValidator(_auto_or_positive)]
+"""A config count that is ``auto`` (the pass decides) or a positive int, e.g. split-KV ``splits``."""
 
 
 class PassConfig(BaseModel):

@@ -18,7 +18,7 @@ import torch
 from torch.fx import Node
 
 from inferpass.errors import UnsupportedModelError
-from inferpass.ir.graph_utils import fake_value, skip_aliases
+from inferpass.ir.graph_utils import ancestors, fake_value, skip_aliases
 from inferpass.ir.program import Program
 from inferpass.ir.structure import BlockSite
 
@@ -53,7 +53,7 @@ def cache_attention(program: Program, block: BlockSite, start: Node, where: str)
     if args.get("dropout_p", 0.0) != 0.0 or args.get("is_causal", False):
         raise UnsupportedModelError(f"{where}: attention with dropout or is_causal is not a cache-decode attention")
     mask = skip_aliases(args.get("attn_mask"))
-    if not isinstance(mask, Node) or mask.target is not aten.le.Tensor or start not in _ancestors(mask):
+    if not isinstance(mask, Node) or mask.target is not aten.le.Tensor or start not in ancestors(mask):
         raise UnsupportedModelError(f"{where}: attention mask is not the capture's causal cache mask "
                                     "(slots <= start + i)")
     caches, new = {}, {}
@@ -76,16 +76,6 @@ def _unexpanded(node: Node) -> Node:
     while isinstance(node, Node) and node.op == "call_function" and node.target in _REPEAT_KV:
         node = skip_aliases(node.args[0])
     return node
-
-
-def _ancestors(node: Node) -> set[Node]:
-    seen, stack = set(), [node]
-    while stack:
-        for parent in stack.pop().all_input_nodes:
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
-    return seen
 
 
 def insert_like(anchor: Node, target, args: tuple) -> Node:

@@ -21,18 +21,16 @@ from __future__ import annotations
 import operator
 
 import torch
-from typing import Literal
-
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from inferpass.errors import UnsupportedModelError
 from inferpass.ir.graph_utils import fake_value, refresh, set_user_io, user_inputs
 from inferpass.ir.program import BATCH, DECODER_INPUTS, CacheLayout, CacheTensor, Program
 from inferpass.ir.structure import recover_structure
-from inferpass.kernels.quantized_cache import STATS_DTYPE, KVQuantSpec
 from inferpass.kernels.kv_quant_op import KV_QUANT_APPEND, KV_QUANT_ATTENTION, fused_kernel_supports
+from inferpass.kernels.quantized_cache import STATS_DTYPE, KVQuantSpec
 from inferpass.kernels.split_kv_op import cached_plan, planning_workers
-from inferpass.passes.base import Pass, PassConfig, PassResult, register_pass
+from inferpass.passes.base import AutoOrPositive, Pass, PassConfig, PassResult, register_pass
 from inferpass.passes.cache_attention import cache_attention, insert_like
 
 _CODE_FIELDS = {"k_codes", "v_codes"}
@@ -51,14 +49,7 @@ class KVQuantConfig(PassConfig):
     value_group: int | None = None
     layers: list[int] | None = None
     bits_per_layer: dict[int, int] = Field(default_factory=dict)
-    splits: Literal["auto"] | int = "auto"
-
-    @field_validator("splits")
-    @classmethod
-    def _positive(cls, value):
-        if value != "auto" and value < 1:
-            raise ValueError("splits must be 'auto' or >= 1")
-        return value
+    splits: AutoOrPositive = "auto"
 
     @model_validator(mode="after")
     def _valid_specs(self):

@@ -26,7 +26,7 @@ from inferpass.ir.graph_utils import refresh, user_inputs
 from inferpass.ir.program import Program
 from inferpass.ir.structure import recover_structure
 from inferpass.kernels.split_kv_op import SPLIT_KV_ATTENTION, cached_plan, planning_workers
-from inferpass.passes.base import Pass, PassConfig, PassResult, register_pass
+from inferpass.passes.base import AutoOrPositive, Pass, PassConfig, PassResult, register_pass
 from inferpass.passes.cache_attention import cache_attention, insert_like
 
 class LeanAttentionConfig(PassConfig):
@@ -34,16 +34,9 @@ class LeanAttentionConfig(PassConfig):
     block_n: KV tile size (power of two ≥ 16); graphs: graphs to rewrite (``[]`` = identity)."""
 
     schedule: Literal["auto", "single", "split", "stream-k"] = "auto"
-    splits: Literal["auto"] | int = "auto"
+    splits: AutoOrPositive = "auto"
     block_n: int = 64
     graphs: list[str] = Field(default_factory=lambda: ["decode"])
-
-    @field_validator("splits")
-    @classmethod
-    def _positive(cls, value):
-        if value != "auto" and value < 1:
-            raise ValueError("splits must be 'auto' or >= 1")
-        return value
 
     @field_validator("block_n")
     @classmethod
