@@ -176,7 +176,9 @@ def optimize(args: argparse.Namespace) -> int:
             "metrics": report.to_dict() if report else None,
         },
     }
-    save_program(run.program, out, extra=extra, overwrite=args.force)
+    artifacts = optimized.artifacts()
+    save_program(run.program, out, extra=extra, overwrite=args.force,
+                 artifacts={target.name: artifacts} if artifacts else None)
     console.print(f"wrote {out}")
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -69,6 +70,12 @@ class CacheLayout(BaseModel):
         """Total cache bytes for ``batch`` sequences."""
         return sum(t.nbytes(batch) for t in self.tensors)
 
+    @property
+    def accepts_padding(self) -> bool:
+        """Whether tokens written past a row's length are harmless: true for plain k/v caches, where such
+        slots are hidden from every query until real tokens overwrite them (not for quantized caches)."""
+        return all(t.role in ("k", "v") for t in self.tensors)
+
 
 class ModelInfo(BaseModel):
     """What was captured: family, architecture and the sizes passes and the runtime need."""
@@ -113,6 +120,7 @@ class Program:
     graphs: dict[str, ExportedProgram]
     cache: CacheLayout | None = None
     applied: list[str] = field(default_factory=list)
+    folder: Path | None = None  # the saved folder it was loaded from (compiled artifacts travel there)
 
     @property
     def is_decoder(self) -> bool:

@@ -1,4 +1,5 @@
-"""Save and load a Program as a folder: one ``.pt2`` per graph, ``weights.safetensors``, ``manifest.json``.
+"""Save and load a Program as a folder: one ``.pt2`` per graph, ``weights.safetensors``, ``manifest.json``,
+and the compiled artifacts of the targets it ran on (``artifacts/<target>/``).
 
 Weights shared between graphs are stored once. Writes are atomic: everything is
 written into a temporary sibling folder that is renamed into place at the end, so a
@@ -73,10 +74,18 @@ def _empty_like(value: torch.Tensor) -> torch.Tensor:
     return torch.nn.Parameter(empty, requires_grad=False) if isinstance(value, torch.nn.Parameter) else empty
 
 
-def save_program(program: Program, out: str | Path, *, extra: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Write ``program`` to folder ``out``; ``extra`` (pipeline, report, ...) goes into the manifest."""
+def save_program(program: Program, out: str | Path, *, extra: dict[str, Any] | None = None, overwrite: bool = False,
+                 artifacts: dict[str, dict[str, Path]] | None = None) -> Path:
+    """Write ``program`` to folder ``out``; ``extra`` (pipeline, report, ...) goes into the manifest;
+    ``artifacts`` (target -> file name -> path) are copied to ``artifacts/<target>/`` for that target to load."""
     out = Path(out)
     with atomic_directory(out, overwrite=overwrite) as tmp:
+        carried = {}
+        for target, files in (artifacts or {}).items():
+            (tmp / "artifacts" / target).mkdir(parents=True)
+            for name, path in files.items():
+                shutil.copyfile(path, tmp / "artifacts" / target / name)
+                carried[f"artifacts/{target}/{name}"] = _sha256(tmp / "artifacts" / target / name)
         stored: dict[str, torch.Tensor] = {}
         key_of: dict[int, str] = {}
         storages: set[int] = set()
@@ -109,6 +118,7 @@ def save_program(program: Program, out: str | Path, *, extra: dict[str, Any] | N
             "applied": program.applied,
             "graphs": graphs_meta,
             "weights": {"file": WEIGHTS, "sha256": _sha256(tmp / WEIGHTS)},
+            "artifacts": carried,
             "versions": versions(),
             **(extra or {}),
         }
@@ -154,7 +164,9 @@ def load_program(folder: str | Path) -> Program:
             else:
                 ep._constants[fqn] = tensor
         graphs[name] = ep
+    for name, digest in manifest.get("artifacts", {}).items():
+        if not (folder / name).is_file() or _sha256(folder / name) != digest:
+            raise ModelLoadError(f"{folder / name}: missing or checksum mismatch")
     cache = CacheLayout.model_validate(manifest["cache"]) if manifest.get("cache") else None
-    return Program(
-        info=ModelInfo.model_validate(manifest["info"]), graphs=graphs, cache=cache, applied=manifest["applied"]
-    )
+    return Program(info=ModelInfo.model_validate(manifest["info"]), graphs=graphs, cache=cache,
+                   applied=manifest["applied"], folder=folder)

@@ -33,7 +33,7 @@ def quantize(x: torch.Tensor, bits: int, dim: int, stats_dtype: torch.dtype = to
     zero = lo.to(stats_dtype)
     scale = ((hi - lo) / levels).to(stats_dtype)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    codes = torch.round((x.float() - zero.float()) / scale.float()).clamp_(0, levels)
+    codes = torch.round((x.float() - zero.float()) / scale.float()).clamp(0, levels)
     return codes.to(torch.uint8), scale, zero
 
 

@@ -8,6 +8,7 @@ prefill/decode and passes cache tensors the same way whatever the target.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,11 @@ class Executable(ABC):
     @abstractmethod
     def run(self, graph: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Run graph ``graph`` on ``inputs``."""
+
+    def artifacts(self) -> dict[str, Path]:
+        """Compiled files this executable used (name -> path), saved with the program so that loading it
+        on this target needs no compilation; none for targets that compile nothing."""
+        return {}
 
 
 class Target(ABC):

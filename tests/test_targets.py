@@ -1,0 +1,129 @@
+"""Targets against eager: every pipeline × target available here gives eager's outputs through prefill and 8
+decode steps (fp32 tolerance for exact pipelines, the pass's own bound for approximate ones); the cpu target's
+shape buckets, its on-disk artifacts and a saved folder that runs without recompiling; clear errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from factories import decoder_configs, tiny_decoder, tiny_vit
+from inferpass.capture import capture
+from inferpass.errors import TargetError
+from inferpass.ir.examples import example_inputs
+from inferpass.ir.serialize import save_program
+from inferpass.passes import PassManager, Pipeline
+from inferpass.runtime.generator import Generator
+from inferpass.targets import get_target
+from inferpass.targets.iree_cpu import CpuTarget, lower_to_vmfb, prefill_pieces
+
+EXACT_PIPELINES = ["", "dce,cse,drop-unused-params", "lean-attention"]
+
+
+def _trace(executable, prompts, steps=8):
+    """Logits of the prompts' last tokens and of ``steps`` decode steps fed fixed tokens."""
+    gen = Generator(executable)
+    logits, cache, lengths = gen.prefill(prompts)
+    out = [logits[torch.arange(len(prompts)), lengths - 1]]
+    for i in range(steps):
+        tokens = torch.tensor([(5 * i + 3 * r) % executable.program.info.vocab_size for r in range(len(prompts))])
+        out.append(gen.decode(cache, tokens))
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def cpu_target(tmp_path_factory):
+    return CpuTarget(cache_dir=tmp_path_factory.mktemp("artifacts"))
+
+
+@given(config=decoder_configs(family="llama"), pipeline=st.sampled_from(EXACT_PIPELINES), data=st.data())
+@settings(max_examples=4)
+def test_exact_pipelines_on_cpu_equal_eager(cpu_target, config, pipeline, data):
+    program = PassManager(Pipeline.parse(pipeline)).run(capture(tiny_decoder(**config), max_len=48)).program
+    vocab = program.info.vocab_size
+    prompts = [data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=20)) for _ in range(2)]
+    want = _trace(get_target("eager").compile(program), prompts)
+    torch.testing.assert_close(_trace(cpu_target.compile(program), prompts), want, atol=5e-5, rtol=1e-4)
+
+
+def test_kv_quant_on_cpu_stays_within_the_quantization_error(cpu_target):
+    program = capture(tiny_decoder("llama", layers=2, head_dim=16, context=64), max_len=64)
+    quantized = PassManager(Pipeline.parse("kv-quant{bits=4, group=8, residual=8}")).run(program.clone()).program
+    prompts = [list(range(3, 40)), list(range(9, 30))]
+    reference = _trace(get_target("eager").compile(program), prompts)
+    quantization_error = (_trace(get_target("eager").compile(quantized), prompts) - reference).abs().max()
+    got = _trace(cpu_target.compile(quantized), prompts)
+    assert (got - reference).abs().max() <= 2 * quantization_error + 1e-5
+
+
+def test_default_lm_on_cpu_equals_eager(cpu_target, lm_program, heldout):
+    prompts = [list(heldout[:100]), list(heldout[500:537])]  # 100 and 37 tokens: padded to buckets 128 and 64
+    want = _trace(get_target("eager").compile(lm_program), prompts)
+    executable = cpu_target.compile(lm_program)
+    torch.testing.assert_close(_trace(executable, prompts), want, atol=1e-4, rtol=1e-4)
+    assert executable.compiled + executable.loaded == 3  # decode + two prefill buckets, one function each
+
+
+def test_encoder_on_cpu_equals_eager(cpu_target):
+    program = capture(tiny_vit())
+    (pixels,) = example_inputs(program, "forward", batch=3)
+    (want,) = get_target("eager").compile(program).run("forward", pixels)
+    (got,) = cpu_target.compile(program).run("forward", pixels)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@given(length=st.integers(1, 300), room=st.integers(1, 300), pad=st.booleans())
+@settings(max_examples=200)
+def test_prefill_pieces_cover_the_prompt_within_the_cache(length, room, pad):
+    max_len = 300
+    room = max(room, length)
+    pieces = prefill_pieces(length, room, max_len, pad)
+    assert sum(tokens for tokens, _ in pieces) == length
+    assert all(tokens <= bucket <= room for tokens, bucket in pieces)
+    if not pad:
+        assert all(tokens == bucket and bucket & (bucket - 1) == 0 for tokens, bucket in pieces)
+    elif len(pieces) == 1 and pieces[0][1] > length:
+        assert pieces[0][1] in {max_len} | {1 << b for b in range(4, 9)}
+
+
+def test_saved_folder_runs_on_cpu_in_a_fresh_process_without_compiling(tmp_path):
+    program = capture(tiny_decoder("llama", layers=2, head_dim=16, context=64), max_len=64)
+    executable = CpuTarget(cache_dir=tmp_path / "cache").compile(program)
+    want = Generator(executable).generate([list(range(3, 20))], 6).tokens
+    save_program(program, tmp_path / "m", artifacts={"cpu": executable.artifacts()})
+    script = (
+        "import json, sys, time; t0 = time.perf_counter()\n"
+        "from inferpass.ir.serialize import load_program\n"
+        "from inferpass.runtime.generator import Generator\n"
+        "from inferpass.targets.iree_cpu import CpuTarget\n"
+        f"e = CpuTarget(cache_dir='{tmp_path / 'empty-cache'}').compile(load_program('{tmp_path / 'm'}'))\n"
+        "tokens = Generator(e).generate([list(range(3, 20))], 6).tokens\n"
+        "print(json.dumps({'tokens': tokens, 'compiled': e.compiled, 'loaded': e.loaded,"
+        " 'seconds': time.perf_counter() - t0}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["tokens"] == want and result["compiled"] == 0 and result["loaded"] == 2
+
+
+def test_unsupported_ops_and_dtypes_are_named():
+    @torch.library.custom_op("inferpass_test::twice", mutates_args=())
+    def twice(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    twice.register_fake(lambda x: torch.empty_like(x))
+
+    class UsesCustomOp(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.inferpass_test.twice(x) + 1
+
+    ep = torch.export.export(UsesCustomOp(), (torch.ones(3),))
+    with pytest.raises(TargetError, match="target 'cpu': forward graph calls op inferpass_test::twice"):
+        lower_to_vmfb(ep, (torch.ones(3),), "forward")
+    bf16 = capture(tiny_decoder("llama", layers=1).to(torch.bfloat16), max_len=8)
+    with pytest.raises(TargetError, match="target 'cpu': weight .*embed_tokens.weight has dtype torch.bfloat16"):
+        get_target("cpu").compile(bf16)
