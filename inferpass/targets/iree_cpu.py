@@ -7,8 +7,10 @@ Lowering one graph for one static call shape:
    references (``ir.ops.reference_decompositions``) along with torch-mlir's own table;
 2. torch-mlir imports it as torch-dialect MLIR, and IREE compiles that for ``llvm-cpu`` with the
    host's CPU features into a vmfb;
-3. the runtime (``local-sync``) calls it with the weights as device arrays made once, so a
-   vmfb holds no weights (tens of KB) and serves any model with the same graph and shapes.
+3. the IREE runtime calls it with the weights as device arrays made once, so a vmfb holds no
+   weights (tens of KB) and serves any model with the same graph and shapes. Decode runs
+   inline (``local-sync``: lowest latency for one token per row); prefill and encoder graphs
+   run on a ``local-task`` pool of as many workers as torch has threads.
 
 Shapes: IREE runs static shapes at eager speed and dynamic ones about 2× slower, so every
 call runs a static specialization: decode per batch size, prefill per batch size and
@@ -42,7 +44,7 @@ from inferpass.targets.base import Executable, Target, register_target
 
 log = logging.getLogger(__name__)
 MIN_BUCKET = 16
-DRIVER = "local-sync"
+SYNC_GRAPHS = {"decode"}  # one token per row: run inline (``local-sync``); other graphs use a task pool
 FLAGS = ("--iree-llvmcpu-target-cpu=host",)
 _NUMPY_DTYPES = {torch.float32, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.int8,
                  torch.bool}
@@ -154,12 +156,18 @@ class CpuExecutable(Executable):
         super().__init__(program)
         self.store = store
         self._rt = ireert
-        self.config = ireert.Config(DRIVER)
-        device_weights: dict[int, object] = {}
-        self.weights = {}
+        configs = {}  # driver -> runtime config; the weights live once per driver's device
+        self.weights, self.configs = {}, {}
         for name, ep in program.graphs.items():
+            driver = "local-sync" if name in SYNC_GRAPHS else "local-task"
+            if driver not in configs:
+                if driver == "local-task":
+                    ireert.flags.parse_flags(f"--task_topology_max_group_count={torch.get_num_threads()}")
+                configs[driver] = (ireert.Config(driver), {})
+            config, device_weights = configs[driver]
+            self.configs[name] = config
             self.weights[name] = [
-                device_weights.setdefault(id(t), ireert.asdevicearray(self.config.device, t.detach().numpy()))
+                device_weights.setdefault(id(t), ireert.asdevicearray(config.device, t.detach().numpy()))
                 for t in _lifted_inputs(ep)]
         self.output_dtypes = {name: [n.meta["val"].dtype for n in ep.graph.output_node().args[0]]
                               for name, ep in program.graphs.items()}
@@ -212,8 +220,9 @@ class CpuExecutable(Executable):
             log.info("cpu target: compiled %s for %s in %.1fs", graph, shapes, time.perf_counter() - t0)
         else:
             self.loaded += 1
-        module = self._rt.VmModule.mmap(self.config.vm_instance, str(path))
-        context = self._rt.SystemContext(vm_modules=[module], config=self.config)
+        config = self.configs[graph]
+        module = self._rt.VmModule.mmap(config.vm_instance, str(path))
+        context = self._rt.SystemContext(vm_modules=[module], config=config)
         fn = context.modules.module["main"]
         self.functions[(graph, shapes)] = fn
         return fn
