@@ -12,7 +12,10 @@ from hypothesis import given, settings, strategies as st
 
 from factories import decoder_configs, tiny_decoder, tiny_vit
 from inferpass.capture import capture
+from inferpass.cli import DEFAULT_PIPELINES, MODELS
 from inferpass.errors import TargetError
+from inferpass.eval.digits import load_digits
+from inferpass.eval.quality import accuracy
 from inferpass.ir.examples import example_inputs
 from inferpass.ir.serialize import save_program
 from inferpass.passes import PassManager, Pipeline
@@ -59,20 +62,25 @@ def test_kv_quant_on_cpu_stays_within_the_quantization_error(cpu_target):
     assert (got - reference).abs().max() <= 2 * quantization_error + 1e-5
 
 
-def test_default_lm_on_cpu_equals_eager(cpu_target, lm_program, heldout):
+def test_default_lm_with_the_default_preset_on_cpu_equals_eager(cpu_target, lm_program, heldout):
+    program = PassManager(Pipeline.parse(DEFAULT_PIPELINES["decoder"])).run(lm_program.clone()).program
     prompts = [list(heldout[:100]), list(heldout[500:537])]  # 100 and 37 tokens: padded to buckets 128 and 64
-    want = _trace(get_target("eager").compile(lm_program), prompts)
-    executable = cpu_target.compile(lm_program)
+    want = _trace(get_target("eager").compile(program), prompts)
+    executable = cpu_target.compile(program)
     torch.testing.assert_close(_trace(executable, prompts), want, atol=1e-4, rtol=1e-4)
     assert executable.compiled + executable.loaded == 3  # decode + two prefill buckets, one function each
 
 
-def test_encoder_on_cpu_equals_eager(cpu_target):
+def test_encoders_on_cpu_equal_eager(cpu_target):
     program = capture(tiny_vit())
     (pixels,) = example_inputs(program, "forward", batch=3)
     (want,) = get_target("eager").compile(program).run("forward", pixels)
     (got,) = cpu_target.compile(program).run("forward", pixels)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    vit = capture(MODELS / "default-vit")
+    pixels, labels = load_digits("test")
+    want = accuracy(get_target("eager").compile(vit), (pixels,), labels)
+    assert accuracy(cpu_target.compile(vit), (pixels,), labels) == want >= 0.97
 
 
 @given(length=st.integers(1, 300), room=st.integers(1, 300), pad=st.booleans())
