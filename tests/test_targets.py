@@ -1,6 +1,6 @@
-"""Targets against eager: every pipeline × target available here gives eager's outputs through prefill and 8
-decode steps (fp32 tolerance for exact pipelines, the pass's own bound for approximate ones); the cpu target's
-shape buckets, its on-disk artifacts and a saved folder that runs without recompiling; clear errors."""
+"""Targets against eager: every pipeline × target available here (cpu: IREE, inductor: AOTInductor) gives eager's
+outputs through prefill and 8 decode steps (fp32 tolerance for exact pipelines, the pass's own bound for approximate
+ones); shape buckets, on-disk artifacts and a saved folder that runs without recompiling; clear errors."""
 
 import json
 import subprocess
@@ -21,9 +21,12 @@ from inferpass.ir.serialize import save_program
 from inferpass.passes import PassManager, Pipeline
 from inferpass.runtime.generator import Generator
 from inferpass.targets import get_target
-from inferpass.targets.iree_cpu import CpuTarget, lower_to_vmfb, prefill_pieces
+from inferpass.targets.inductor import InductorTarget
+from inferpass.targets.iree_cpu import CpuTarget, lower_to_vmfb
+from inferpass.targets.static_shapes import prefill_pieces
 
 EXACT_PIPELINES = ["", "dce,cse,drop-unused-params", "lean-attention"]
+TARGETS = {"cpu": CpuTarget, "inductor": InductorTarget}
 
 
 def _trace(executable, prompts, steps=8):
@@ -37,50 +40,51 @@ def _trace(executable, prompts, steps=8):
     return torch.stack(out)
 
 
-@pytest.fixture(scope="module")
-def cpu_target(tmp_path_factory):
-    return CpuTarget(cache_dir=tmp_path_factory.mktemp("artifacts"))
+@pytest.fixture(scope="module", params=["cpu", "inductor"])
+def target(request, tmp_path_factory):
+    """Each ahead-of-time target, with an on-disk artifact cache of its own for this module."""
+    return TARGETS[request.param](cache_dir=tmp_path_factory.mktemp(f"{request.param}-artifacts"))
 
 
 @given(config=decoder_configs(family="llama"), pipeline=st.sampled_from(EXACT_PIPELINES), data=st.data())
-@settings(max_examples=4)
-def test_exact_pipelines_on_cpu_equal_eager(cpu_target, config, pipeline, data):
+@settings(max_examples=3)
+def test_exact_pipelines_equal_eager(target, config, pipeline, data):
     program = PassManager(Pipeline.parse(pipeline)).run(capture(tiny_decoder(**config), max_len=48)).program
     vocab = program.info.vocab_size
     prompts = [data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=20)) for _ in range(2)]
     want = _trace(get_target("eager").compile(program), prompts)
-    torch.testing.assert_close(_trace(cpu_target.compile(program), prompts), want, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(_trace(target.compile(program), prompts), want, atol=5e-5, rtol=1e-4)
 
 
-def test_kv_quant_on_cpu_stays_within_the_quantization_error(cpu_target):
+def test_kv_quant_stays_within_the_quantization_error(target):
     program = capture(tiny_decoder("llama", layers=2, head_dim=16, context=64), max_len=64)
     quantized = PassManager(Pipeline.parse("kv-quant{bits=4, group=8, residual=8}")).run(program.clone()).program
     prompts = [list(range(3, 40)), list(range(9, 30))]
     reference = _trace(get_target("eager").compile(program), prompts)
     quantization_error = (_trace(get_target("eager").compile(quantized), prompts) - reference).abs().max()
-    got = _trace(cpu_target.compile(quantized), prompts)
+    got = _trace(target.compile(quantized), prompts)
     assert (got - reference).abs().max() <= 2 * quantization_error + 1e-5
 
 
-def test_default_lm_with_the_default_preset_on_cpu_equals_eager(cpu_target, lm_program, heldout):
+def test_default_lm_with_the_default_preset_equals_eager(target, lm_program, heldout):
     program = PassManager(Pipeline.parse(DEFAULT_PIPELINES["decoder"])).run(lm_program.clone()).program
     prompts = [list(heldout[:100]), list(heldout[500:537])]  # 100 and 37 tokens: padded to buckets 128 and 64
     want = _trace(get_target("eager").compile(program), prompts)
-    executable = cpu_target.compile(program)
+    executable = target.compile(program)
     torch.testing.assert_close(_trace(executable, prompts), want, atol=1e-4, rtol=1e-4)
     assert executable.compiled + executable.loaded == 3  # decode + two prefill buckets, one function each
 
 
-def test_encoders_on_cpu_equal_eager(cpu_target):
+def test_encoders_equal_eager(target):
     program = capture(tiny_vit())
     (pixels,) = example_inputs(program, "forward", batch=3)
     (want,) = get_target("eager").compile(program).run("forward", pixels)
-    (got,) = cpu_target.compile(program).run("forward", pixels)
+    (got,) = target.compile(program).run("forward", pixels)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     vit = capture(MODELS / "default-vit")
     pixels, labels = load_digits("test")
     want = accuracy(get_target("eager").compile(vit), (pixels,), labels)
-    assert accuracy(cpu_target.compile(vit), (pixels,), labels) == want >= 0.97
+    assert accuracy(target.compile(vit), (pixels,), labels) == want >= 0.97
 
 
 @given(length=st.integers(1, 300), room=st.integers(1, 300), pad=st.booleans())
@@ -97,17 +101,19 @@ def test_prefill_pieces_cover_the_prompt_within_the_cache(length, room, pad):
         assert pieces[0][1] in {max_len} | {1 << b for b in range(4, 9)}
 
 
-def test_saved_folder_runs_on_cpu_in_a_fresh_process_without_compiling(tmp_path):
+@pytest.mark.parametrize("name", ["cpu", "inductor"])
+def test_saved_folder_runs_in_a_fresh_process_without_compiling(tmp_path, name):
     program = capture(tiny_decoder("llama", layers=2, head_dim=16, context=64), max_len=64)
-    executable = CpuTarget(cache_dir=tmp_path / "cache").compile(program)
+    executable = TARGETS[name](cache_dir=tmp_path / "cache").compile(program)
     want = Generator(executable).generate([list(range(3, 20))], 6).tokens
-    save_program(program, tmp_path / "m", artifacts={"cpu": executable.artifacts()})
+    save_program(program, tmp_path / "m", artifacts={name: executable.artifacts()})
     script = (
         "import json, sys, time; t0 = time.perf_counter()\n"
         "from inferpass.ir.serialize import load_program\n"
         "from inferpass.runtime.generator import Generator\n"
-        "from inferpass.targets.iree_cpu import CpuTarget\n"
-        f"e = CpuTarget(cache_dir='{tmp_path / 'empty-cache'}').compile(load_program('{tmp_path / 'm'}'))\n"
+        "from inferpass.targets import get_target\n"
+        f"target = get_target('{name}'); target.cache_dir = '{tmp_path / 'empty-cache'}'\n"
+        f"e = target.compile(load_program('{tmp_path / 'm'}'))\n"
         "tokens = Generator(e).generate([list(range(3, 20))], 6).tokens\n"
         "print(json.dumps({'tokens': tokens, 'compiled': e.compiled, 'loaded': e.loaded,"
         " 'seconds': time.perf_counter() - t0}))\n"

@@ -54,9 +54,13 @@ def decoder_speeds(executables: list[Executable], prompts: list[list[int]], new_
     """Per executable: prefill seconds (median), decode tokens/s (median step), request latency p50/p90/p99, peak RSS.
 
     Interleaved: every prompt of every repeat runs on each executable in turn, so machine
-    drift hits all of them alike and their ratios stay fair.
+    drift hits all of them alike and their ratios stay fair. One untimed warm-up per prompt
+    length comes first, so first-use compilation is not counted as latency.
     """
     gens = [Generator(e) for e in executables]
+    for gen in gens:  # untimed: ahead-of-time targets compile (or load) each new call shape on first use
+        for length in sorted({len(p) for p in prompts}):
+            gen.generate([next(p for p in prompts if len(p) == length)], new_tokens)
     samples = [{"prefill": [], "steps": [], "latency": []} for _ in gens]
     for _ in range(repeats):
         for prompt in prompts:
