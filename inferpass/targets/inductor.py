@@ -20,8 +20,9 @@ import torch
 from inferpass.ir.ops import reference_decompositions
 from inferpass.ir.program import Program
 from inferpass.targets.artifacts import ArtifactStore
-from inferpass.targets.base import Target, register_target
-from inferpass.targets.static_shapes import Function, StaticShapeExecutable, lifted_inputs, static_export
+from inferpass.targets.base import register_target
+from inferpass.targets.static_shapes import (Function, StaticShapeExecutable, StaticShapeTarget, lifted_inputs,
+                                              static_export)
 
 
 class InductorExecutable(StaticShapeExecutable):
@@ -56,14 +57,8 @@ class InductorExecutable(StaticShapeExecutable):
 
 
 @register_target
-class InductorTarget(Target):
+class InductorTarget(StaticShapeTarget):
     """AOTInductor on this machine's device (CPU here), static shapes, packages cached on disk (see module doc)."""
 
     name = "inductor"
-
-    def __init__(self, cache_dir: str | Path | None = None):
-        self.cache_dir = cache_dir
-
-    def compile(self, program: Program) -> InductorExecutable:
-        carried = [program.folder / "artifacts" / self.name] if program.folder else []
-        return InductorExecutable(program, ArtifactStore(self.name, self.cache_dir, carried))
+    executable = InductorExecutable

@@ -26,8 +26,9 @@ from inferpass.errors import TargetError
 from inferpass.ir.ops import reference_decompositions
 from inferpass.ir.program import Program
 from inferpass.targets.artifacts import ArtifactStore, artifact_key
-from inferpass.targets.base import Target, register_target
-from inferpass.targets.static_shapes import Function, StaticShapeExecutable, lifted_inputs, static_export
+from inferpass.targets.base import register_target
+from inferpass.targets.static_shapes import (Function, StaticShapeExecutable, StaticShapeTarget, lifted_inputs,
+                                              static_export)
 
 SYNC_GRAPHS = {"decode"}  # one token per row: run inline (``local-sync``); other graphs use a task pool
 FLAGS = ("--iree-llvmcpu-target-cpu=host",)
@@ -147,14 +148,8 @@ class CpuExecutable(StaticShapeExecutable):
 
 
 @register_target
-class CpuTarget(Target):
+class CpuTarget(StaticShapeTarget):
     """IREE ``llvm-cpu`` through torch-mlir, static shapes, artifacts cached on disk (see module doc)."""
 
     name = "cpu"
-
-    def __init__(self, cache_dir: str | Path | None = None):
-        self.cache_dir = cache_dir
-
-    def compile(self, program: Program) -> CpuExecutable:
-        carried = [program.folder / "artifacts" / self.name] if program.folder else []
-        return CpuExecutable(program, ArtifactStore(self.name, self.cache_dir, carried))
+    executable = CpuExecutable

@@ -27,7 +27,7 @@ from torch.export.graph_signature import InputKind
 from inferpass.errors import TargetError
 from inferpass.ir.program import Program
 from inferpass.targets.artifacts import ArtifactStore, artifact_key
-from inferpass.targets.base import Executable
+from inferpass.targets.base import Executable, Target
 
 log = logging.getLogger(__name__)
 MIN_BUCKET = 16
@@ -150,3 +150,17 @@ class StaticShapeExecutable(Executable):
 
     def artifacts(self) -> dict[str, Path]:
         return dict(self.store.used)
+
+
+class StaticShapeTarget(Target):
+    """A target whose executables are ``executable`` instances over an ``ArtifactStore`` in ``cache_dir``
+    (default ``artifacts.default_cache_dir()``) that also reads the program folder's carried artifacts."""
+
+    executable: type[StaticShapeExecutable]
+
+    def __init__(self, cache_dir: str | Path | None = None):
+        self.cache_dir = cache_dir
+
+    def compile(self, program: Program) -> StaticShapeExecutable:
+        carried = [program.folder / "artifacts" / self.name] if program.folder else []
+        return self.executable(program, ArtifactStore(self.name, self.cache_dir, carried))
