@@ -103,7 +103,8 @@ def test_prefill_pieces_cover_the_prompt_within_the_cache(length, room, pad):
 
 @pytest.mark.parametrize("name", ["cpu", "inductor"])
 def test_saved_folder_runs_in_a_fresh_process_without_compiling(tmp_path, name):
-    program = capture(tiny_decoder("llama", layers=2, head_dim=16, context=64), max_len=64)
+    captured = capture(tiny_decoder("llama", layers=2, head_dim=16, context=64), max_len=64)
+    program = PassManager(Pipeline.parse(DEFAULT_PIPELINES["decoder"])).run(captured).program  # after passes
     executable = TARGETS[name](cache_dir=tmp_path / "cache").compile(program)
     want = Generator(executable).generate([list(range(3, 20))], 6).tokens
     save_program(program, tmp_path / "m", artifacts={name: executable.artifacts()})

@@ -15,6 +15,7 @@ shapes and dtypes, and the target's own versions and flags; a saved folder carri
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from abc import abstractmethod
@@ -83,6 +84,14 @@ def static_export(ep: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, 
         return torch.export.export(_Lifted(ep.graph_module), (*weights, *inputs), strict=False)
 
 
+def graph_text(ep: torch.export.ExportedProgram) -> str:
+    """The graph's code with dead nodes dropped: equal for a program and the same program saved and loaded
+    (the export serializer adds unused ``getitem`` nodes for multi-output ops)."""
+    module = copy.deepcopy(ep.graph_module)
+    module.graph.eliminate_dead_code()
+    return f"{module.graph}\n{ep.graph_signature}"
+
+
 class StaticShapeExecutable(Executable):
     """Runs each call through the function compiled for its shapes, building (or loading) it on first use.
 
@@ -98,6 +107,7 @@ class StaticShapeExecutable(Executable):
         self.store = store
         self.key_base = key_base
         self.functions: dict[tuple, Function] = {}
+        self.graph_texts = {name: graph_text(ep) for name, ep in program.graphs.items()}
         self.compiled = self.loaded = 0
         self.compile_seconds = 0.0
 
@@ -134,8 +144,7 @@ class StaticShapeExecutable(Executable):
         return fn(inputs)
 
     def _function(self, graph: str, inputs: tuple[torch.Tensor, ...], shapes: tuple) -> Function:
-        ep = self.program.graphs[graph]
-        name = f"{graph}-{artifact_key(str(ep.graph), str(ep.graph_signature), shapes, self.key_base)}{self.suffix}"
+        name = f"{graph}-{artifact_key(self.graph_texts[graph], shapes, self.key_base)}{self.suffix}"
         path = self.store.find(name)
         if path is None:
             t0 = time.perf_counter()
