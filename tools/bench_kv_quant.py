@@ -42,6 +42,7 @@ from bench_decode_attention import time_call  # noqa: E402
 from inferpass.capture import capture, load_hf_model  # noqa: E402
 from inferpass.cli import DEFAULT_MODEL, HELDOUT_TEXT  # noqa: E402
 from inferpass.eval.quality import greedy_agreement, program_bits_per_byte  # noqa: E402
+from inferpass.eval.speed import process_status_bytes  # noqa: E402
 from inferpass.ir.program import CacheLayout, Program  # noqa: E402
 from inferpass.kernels.quantized_attention import quantized_cache_attention  # noqa: E402
 from inferpass.kernels.quantized_cache import KVQuantSpec, allocate, append  # noqa: E402
@@ -171,7 +172,7 @@ def _child_fit(args) -> None:
     if args.case != "fp":
         program = quantize(program, int(args.case.split("-")[0]), args.spec)[0]
     layout = as_dtype(program.cache, args.cache_dtype) if args.case == "fp" else program.cache
-    used = int(Path("/proc/self/status").read_text().split("VmSize:")[1].split()[0]) * 1024
+    used = process_status_bytes("VmSize")
     limit = used + int(args.budget_gib * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     result = {"case": args.case, "cache_dtype": args.cache_dtype if args.case == "fp" else "quantized",
@@ -187,7 +188,7 @@ def _child_fit(args) -> None:
     except (MemoryError, RuntimeError) as err:
         asked = re.search(r"tried to allocate (\d+) bytes", str(err))
         result["outcome"] = "out of memory" + (f" (asked for {int(asked[1]):,} more bytes)" if asked else "")
-    result["peak_rss_bytes"] = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
+    result["peak_rss_bytes"] = process_status_bytes("VmHWM")
     print(json.dumps(result))
 
 

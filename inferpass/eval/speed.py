@@ -17,12 +17,10 @@ import torch
 from inferpass.runtime.generator import Generator
 from inferpass.targets.base import Executable
 
-_HWM = re.compile(r"VmHWM:\s+(\d+) kB")
-
-
-def _status_kb(pattern: re.Pattern) -> int | None:
+def process_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (e.g. ``VmHWM``, ``VmSize``) in bytes; None where unavailable."""
     try:
-        match = pattern.search(Path("/proc/self/status").read_text())
+        match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
     except OSError:
         return None
     return int(match.group(1)) * 1024 if match else None
@@ -39,7 +37,7 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int | None:
     except OSError:
         return None
     fn()
-    return _status_kb(_HWM)
+    return process_status_bytes("VmHWM")
 
 
 def percentile(values: list[float], q: float) -> float:

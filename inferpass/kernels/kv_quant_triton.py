@@ -120,7 +120,8 @@ def kv_quant_attention_triton(q: torch.Tensor, cache: LayerCache, new_k: torch.T
     batch, heads, q_len, head_dim = q.shape
     kv_heads = cache.k_codes.shape[1]
     if splits < 0:
-        splits = cached_plan(batch, kv_heads, cache.k_codes.shape[2], device_workers(q.device), "split", -1, g).splits
+        capacity = max(1, cache.k_codes.shape[2] - g)  # quantized slots without the scratch group, as --explain plans
+        splits = cached_plan(batch, kv_heads, capacity, device_workers(q.device), "split", -1, g).splits
     xk, xv, xpos = fp_extras(cache, new_k, new_v, start, spec)
     q, xk, xv, xpos = q.contiguous(), xk.contiguous(), xv.contiguous(), xpos.contiguous()
     group = heads // kv_heads

@@ -22,6 +22,11 @@ AutoOrPositive = Annotated[Literal["auto"] | int, AfterValidator(_auto_or_positi
 """A config count that is ``auto`` (the pass decides) or a positive int, e.g. split-KV ``splits``."""
 
 
+def op_count(value: AutoOrPositive) -> int:
+    """An ``AutoOrPositive`` as the int an op takes: -1 for ``auto``."""
+    return -1 if value == "auto" else value
+
+
 class PassConfig(BaseModel):
     """Base config: unknown keys are an error; values are validated and frozen."""
 

@@ -30,7 +30,7 @@ from inferpass.ir.structure import recover_structure
 from inferpass.kernels.kv_quant_op import KV_QUANT_APPEND, KV_QUANT_ATTENTION, fused_kernel_supports
 from inferpass.kernels.quantized_cache import STATS_DTYPE, KVQuantSpec
 from inferpass.kernels.split_kv_op import cached_plan, planning_workers
-from inferpass.passes.base import AutoOrPositive, Pass, PassConfig, PassResult, register_pass
+from inferpass.passes.base import AutoOrPositive, Pass, PassConfig, PassResult, op_count, register_pass
 from inferpass.passes.cache_attention import cache_attention, insert_like
 
 _CODE_FIELDS = {"k_codes", "v_codes"}
@@ -96,8 +96,8 @@ class KVQuant(Pass):
         before = program.cache.nbytes(1)
         program.cache = layout
         kv_heads = int(by_layer[layers[0]]["k"].shape[1])
-        capacity = self.config.spec(None).capacity(layout.max_len)
-        splits = -1 if self.config.splits == "auto" else self.config.splits
+        capacity = max(1, self.config.spec(None).capacity(layout.max_len))  # a plan needs one slot
+        splits = op_count(self.config.splits)
         if fused_kernel_supports(self.config.spec(None)):
             plans = {f"plan batch {b}": cached_plan(b, kv_heads, capacity, planning_workers(), "split", splits,
                                                    self.config.group).describe() for b in (1, 8, 32)}
@@ -152,7 +152,7 @@ class KVQuant(Pass):
             new_inputs[block.index] = cache_nodes[0]
             kv = fake_value(site.new["k"]).shape
             params = (spec.bits, spec.group, spec.residual, spec.sink, spec.value_group_size(kv[1], kv[3]))
-            splits = -1 if self.config.splits == "auto" else self.config.splits
+            splits = op_count(self.config.splits)
             out = insert_like(site.attention, KV_QUANT_ATTENTION.overload,
                               (site.query, site.new["k"], site.new["v"], start, cache_nodes, site.scale, *params,
                                splits))

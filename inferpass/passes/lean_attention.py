@@ -26,7 +26,7 @@ from inferpass.ir.graph_utils import refresh, user_inputs
 from inferpass.ir.program import Program
 from inferpass.ir.structure import recover_structure
 from inferpass.kernels.split_kv_op import SPLIT_KV_ATTENTION, cached_plan, planning_workers
-from inferpass.passes.base import AutoOrPositive, Pass, PassConfig, PassResult, register_pass
+from inferpass.passes.base import AutoOrPositive, Pass, PassConfig, PassResult, op_count, register_pass
 from inferpass.passes.cache_attention import cache_attention, insert_like
 
 class LeanAttentionConfig(PassConfig):
@@ -69,7 +69,7 @@ class LeanAttention(Pass):
     def plans(self, program: Program, workers: int, batches: tuple[int, ...] = (1, 8, 32)) -> dict[str, str]:
         """The plan the GPU kernel uses at full cache length for each batch size, on ``workers`` SMs."""
         kv_heads, cache_len = int(program.cache.tensors[0].shape[1]), program.cache.max_len
-        splits = -1 if self.config.splits == "auto" else self.config.splits
+        splits = op_count(self.config.splits)
         return {f"plan batch {b}": cached_plan(b, kv_heads, cache_len, workers, self.config.schedule, splits,
                                               self.config.block_n).describe() for b in batches}
 
@@ -82,7 +82,7 @@ class LeanAttention(Pass):
             if block.attention.attention.target is not torch.ops.aten.scaled_dot_product_attention.default:
                 continue  # already rewritten (by this pass, or into another registered attention op)
             site = cache_attention(program, block, start, f"{graph} graph, block {block.index} ({block.scope})")
-            splits = -1 if self.config.splits == "auto" else self.config.splits
+            splits = op_count(self.config.splits)
             call = insert_like(site.attention, SPLIT_KV_ATTENTION.overload,
                                (site.query, site.writes["k"], site.writes["v"], start, site.scale,
                                 self.config.schedule, splits, self.config.block_n))
