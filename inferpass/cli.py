@@ -106,7 +106,7 @@ def output_diffs(baseline: Executable, optimized: Executable, seed: int) -> dict
     for name in baseline.program.graphs:
         inputs = example_inputs(baseline.program, name, seed=seed)
         want, got = baseline.run(name, *inputs), optimized.run(name, *inputs)
-        diffs[name] = float((want[0].float() - got[0].float()).abs().max())
+        diffs[name] = float((want[0].float() - got[0].float().cpu()).abs().max())
     return diffs
 
 

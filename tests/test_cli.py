@@ -146,7 +146,7 @@ def test_no_model_dir_without_default_model(tmp_path, capsys, monkeypatch):
 
 
 def test_unknown_target(model_dir, tmp_path, capsys):
-    _fails([str(model_dir), "--target", "tpu"], capsys, "unknown target 'tpu'; available: cpu, eager, inductor",
+    _fails([str(model_dir), "--target", "tpu"], capsys, "unknown target 'tpu'; available: cpu, cuda, eager, inductor",
            tmp_path / "out")
 
 

@@ -25,14 +25,14 @@ def program_bits_per_byte(executable: Executable, data: bytes, *, context: int =
         raise ValueError(f"context {context} exceeds the program's max_len {program.cache.max_len}")
 
     def logits(ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        cache = program.cache.allocate(ids.shape[0])
+        cache = program.cache.allocate(ids.shape[0], executable.device)
         step = chunk or ids.shape[1]
         pieces = []
         for first in range(0, ids.shape[1], step):
             piece = ids[:, first : first + step]
             start = torch.full((ids.shape[0],), first, dtype=torch.long)
             out, *cache = executable.run("decode" if piece.shape[1] == 1 else "prefill", piece, start, *cache)
-            pieces.append(out)
+            pieces.append(out.cpu())
         return {"model": torch.cat(pieces, dim=1)}
 
     return bits_per_byte(logits, data, context=context, stride=context, batch=batch)["model"]
@@ -61,5 +61,5 @@ def accuracy(
     correct = 0
     for i in range(0, len(labels), batch):
         (logits,) = executable.run("forward", *(x[i : i + batch] for x in inputs))
-        correct += int((logits.argmax(-1) == labels[i : i + batch]).sum())
+        correct += int((logits.cpu().argmax(-1) == labels[i : i + batch]).sum())
     return correct / len(labels)

@@ -88,7 +88,7 @@ def encoder_speeds(executables: list[Executable], inputs: tuple[torch.Tensor, ..
     for _ in range(repeats):
         for executable, samples in zip(executables, times):
             t0 = time.perf_counter()
-            executable.run("forward", *inputs)
+            executable.run("forward", *inputs)[0].cpu()  # waits for a device to finish
             samples.append(time.perf_counter() - t0)
     return [
         {

@@ -13,8 +13,8 @@ feeding them. Implementations of the attention:
 * reference (and what lowering decomposes to): ``quantized_cache.attend``, which expands the
   whole store (aten only, traceable);
 * CPU kernel: ``quantized_attention.quantized_cache_attention``, the valid prefix a chunk at a time;
-* CUDA kernel: the fused dequantizing Triton kernels of ``kv_quant_triton`` (key groups that are no
-  power of two >= 16 fall back to the chunked torch kernel).
+* CUDA kernel: the fused dequantizing Triton kernels of ``kv_quant_triton`` through the Triton op of
+  ``triton_ops`` (key groups that are no power of two >= 16 fall back to the chunked torch kernel).
 
 The append is functional (``quantized_cache.append``) on every device.
 """
@@ -76,9 +76,9 @@ def _cuda_attention(q, new_k, new_v, start, cache, scale: float, bits: int, grou
     spec = _spec(bits, group, residual, sink, value_group)
     if not fused_kernel_supports(spec):
         return quantized_cache_attention(q, LayerCache(*cache), new_k, new_v, start, scale, spec)[0]
-    from inferpass.kernels.kv_quant_triton import kv_quant_attention_triton
+    from inferpass.kernels.triton_ops import kv_quant_attention_op
 
-    return kv_quant_attention_triton(q, LayerCache(*cache), new_k, new_v, start, scale, spec, splits=splits)[0]
+    return kv_quant_attention_op(q, new_k, new_v, start, cache, scale, bits, group, residual, sink, value_group, splits)
 
 
 register_kernel("kv_quant_attention", "cpu", _cpu_attention)

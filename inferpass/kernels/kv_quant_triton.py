@@ -22,6 +22,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from inferpass.kernels.kv_quant_op import fused_kernel_supports
 from inferpass.kernels.quantized_attention import fp_extras
@@ -123,10 +124,10 @@ def kv_quant_attention_triton(q: torch.Tensor, cache: LayerCache, new_k: torch.T
         capacity = max(1, cache.k_codes.shape[2] - g)  # quantized slots without the scratch group, as --explain plans
         splits = cached_plan(batch, kv_heads, capacity, device_workers(q.device), "split", -1, g).splits
     xk, xv, xpos = fp_extras(cache, new_k, new_v, start, spec)
+    out = torch.empty_like(q)  # q's strides, as the op's fake implementation promises
     q, xk, xv, xpos = q.contiguous(), xk.contiguous(), xv.contiguous(), xpos.contiguous()
     group = heads // kv_heads
     rows = group * q_len
-    out = torch.empty_like(q)
     lse = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
     programs = batch * kv_heads * splits
     part_o = torch.empty(programs if splits > 1 else 1, rows, head_dim, device=q.device, dtype=torch.float32)
@@ -135,7 +136,7 @@ def kv_quant_attention_triton(q: torch.Tensor, cache: LayerCache, new_k: torch.T
     meta = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=max(16, triton.next_power_of_2(rows)),
                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
     k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = (t.contiguous() for t in cache[:6])
-    _quantized_partials[(programs,)](
+    wrap_triton(_quantized_partials)[(programs,)](
         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, xk, xv, xpos, start, out, lse, part_o, part_lse,
         q.stride(0), q.stride(1), q.stride(2), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), v_codes.stride(0), v_codes.stride(1),
@@ -147,7 +148,7 @@ def kv_quant_attention_triton(q: torch.Tensor, cache: LayerCache, new_k: torch.T
         **meta,
     )
     if splits > 1:
-        reduce_partials[(batch * kv_heads,)](
+        wrap_triton(reduce_partials)[(batch * kv_heads,)](
             start, out, lse, part_o, part_lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
             lse.stride(1), batch, kv_heads, q_len, 1, programs, splits, BLOCK_N=16, BLOCK_B=2, SCHEDULE=1, **meta,
         )

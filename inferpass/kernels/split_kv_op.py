@@ -10,7 +10,7 @@ Shapes and visibility as in ``split_kv_reference``. ``schedule`` is ``auto``,
 * CPU kernel: ``chunked_attention`` — reads only the valid cache prefix, in
   ``block_n``-slot chunks merged exactly;
 * CUDA kernel: the Triton kernels with a plan from ``plan_decode_attention``
-  for the device's SM count.
+  for the device's SM count, through the Triton op of ``triton_ops``.
 
 All return the same values up to fp32 rounding; a fixed plan is bit-stable.
 """
@@ -76,10 +76,9 @@ def device_workers(device: torch.device) -> int:
 
 
 def _cuda_kernel(q, k, v, start, scale: float, schedule: str, splits: int, block_n: int):
-    from inferpass.kernels.split_kv_triton import split_kv_attention_triton
+    from inferpass.kernels.triton_ops import split_kv_attention_op
 
-    plan = cached_plan(q.shape[0], k.shape[1], k.shape[2], device_workers(q.device), schedule, splits, block_n)
-    return split_kv_attention_triton(q, k, v, start, scale, plan)
+    return split_kv_attention_op(q, k, v, start, scale, schedule, splits, block_n)
 
 
 register_kernel("split_kv_attention", "cpu", _cpu_kernel)

@@ -20,6 +20,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from inferpass.kernels.decode_plan import DecodePlan
 from inferpass.kernels.split_kv_reference import check_decode_shapes
@@ -275,7 +276,7 @@ def split_kv_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 BLOCK_B=max(2, triton.next_power_of_2(batch)), SCHEDULE=_SCHEDULE_CODE[plan.schedule])
     upcast = os.environ.get("TRITON_INTERPRET") == "1" and q.dtype == torch.bfloat16
     precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
-    _partials[(plan.programs,)](
+    wrap_triton(_partials)[(plan.programs,)](
         q, k, v, start, out, lse, part_o, part_lse, counts,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -284,7 +285,7 @@ def split_kv_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         **meta,
     )
     if plan.schedule != "single":
-        reduce_partials[(plan.heads,)](
+        wrap_triton(reduce_partials)[(plan.heads,)](
             start, out, lse, part_o, part_lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
             lse.stride(1), batch, kv_heads, q_len, cache_len, plan.programs, plan.splits, **meta,
         )

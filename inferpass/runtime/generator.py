@@ -42,14 +42,15 @@ class Generator:
         self.layout = program.cache
 
     def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
-        """Prefill a batch of prompts; return (logits [B, S_max, V], right-padded with zeros, cache, lengths).
+        """Prefill a batch of prompts; return (logits [B, S_max, V] on the host, right-padded with zeros, the cache
+        on the executable's device, lengths).
 
         Rows are prefilled in groups of equal prompt length, so every row's cache holds exactly
         its prompt: nothing is written past a row's length (a padded token could otherwise
         reach a cache that cannot take writes back, such as a quantized one).
         """
         ids, lengths = _pad(prompts)
-        cache = KVCache(self.layout, len(prompts))
+        cache = KVCache(self.layout, len(prompts), self.executable.device)
         cache.reserve(lengths)
         logits = None
         for length in sorted(set(lengths.tolist())):
@@ -63,18 +64,19 @@ class Generator:
                 cache.advance(tuple(written), lengths)
             else:
                 cache.advance_rows(rows, tuple(written), length)
+            out = out.cpu()
             if logits is None:
                 logits = out.new_zeros(len(prompts), ids.shape[1], out.shape[-1])
             logits[rows, :length] = out
         return logits, cache, lengths
 
     def decode(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row; return logits ``[B, V]``."""
+        """Feed one token per row; return logits ``[B, V]`` (on the host)."""
         one = torch.ones(cache.batch, dtype=torch.long)
         start = cache.reserve(one)
         logits, *written = self.executable.run("decode", tokens.view(-1, 1), start, *cache.tensors)
         cache.advance(tuple(written), one)
-        return logits[:, -1]
+        return logits[:, -1].cpu()
 
     def generate(
         self,

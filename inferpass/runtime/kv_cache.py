@@ -11,14 +11,15 @@ from inferpass.ir.program import CacheLayout
 class KVCache:
     """Cache tensors for ``batch`` sequences plus each row's written length.
 
-    The graphs are functional: each step returns written caches, which ``advance``
-    installs as the current state.
+    Each step returns written caches (new tensors, or on targets that keep cache memory the
+    same tensors written in place), which ``advance`` installs as the current state. The
+    tensors live on ``device``; the lengths stay on the host (bookkeeping, never a device sync).
     """
 
     def __init__(self, layout: CacheLayout, batch: int, device: torch.device | str = "cpu"):
         self.layout = layout
         self.tensors = layout.allocate(batch, device)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long)
 
     @property
     def batch(self) -> int:

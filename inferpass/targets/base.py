@@ -2,7 +2,11 @@
 
 ``Target.compile(program)`` returns an ``Executable`` whose ``run(graph, *inputs)``
 takes and returns tensors exactly as the graph's signature says — the runtime calls
-prefill/decode and passes cache tensors the same way whatever the target.
+prefill/decode and passes cache tensors the same way whatever the target. Two things vary
+by target and are part of the contract: ``device`` (where outputs live and where caches
+should be allocated; inputs elsewhere are copied there) and whether the written caches a
+call returns are its cache inputs written in place (targets that keep cache memory do so:
+a caller must treat the caches it passes as consumed and use only the returned ones).
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from inferpass.ir.program import Program
 class Executable(ABC):
     """A compiled program: ``run(graph, *inputs)`` returns the graph's outputs as a tuple."""
 
+    device = torch.device("cpu")
+
     def __init__(self, program: Program):
         self.program = program
 
     @abstractmethod
     def run(self, graph: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Run graph ``graph`` on ``inputs``."""
+        """Run graph ``graph`` on ``inputs``; outputs on ``self.device``; cache inputs may be written in place."""
 
     def artifacts(self) -> dict[str, Path]:
         """Compiled files this executable used (name -> path), saved with the program so that loading it

@@ -1,13 +1,13 @@
-"""Executables that run every call through a function compiled ahead of time for its exact shapes.
+"""Executables that run every call through a function compiled for its exact shapes.
 
-Shared by the ahead-of-time targets (``cpu``: IREE, ``inductor``: AOTInductor). A graph is
+Shared by the compiling targets (``cpu``: IREE, ``inductor``: AOTInductor, ``cuda``). A graph is
 specialized per call shape: decode per batch size, prefill per batch size and sequence
 *bucket* (powers of two from ``MIN_BUCKET``, and ``max_len``). A prompt of no bucket length is
 padded to the next bucket when the cache accepts padding (plain k/v: padded tokens only write
 slots past the prompt, hidden from every query until real tokens overwrite them), otherwise
 fed in exact power-of-two pieces (a quantized cache must never take a padded token).
 
-The compiled function takes the graph's weights, buffers and constants as leading arguments
+The ahead-of-time targets' functions take the graph's weights, buffers and constants as leading arguments
 (``static_export``), so an artifact holds no weights and serves any model with the same graph
 and shapes. Artifacts live in an ``ArtifactStore`` under a key of the graph's code, the call
 shapes and dtypes, and the target's own versions and flags; a saved folder carries them.
@@ -92,34 +92,20 @@ def graph_text(ep: torch.export.ExportedProgram) -> str:
     return f"{module.graph}\n{ep.graph_signature}"
 
 
-class StaticShapeExecutable(Executable):
-    """Runs each call through the function compiled for its shapes, building (or loading) it on first use.
+class ShapeSpecializedExecutable(Executable):
+    """Runs each call through a function specialized for its shapes, made on first use by ``specialize``;
+    prefill calls go through the buckets of ``prefill_pieces``."""
 
-    Subclasses give ``target``, ``suffix``, ``build`` and ``load``. ``compiled`` / ``loaded`` count
-    functions built here / found on disk; ``compile_seconds`` sums build time.
-    """
-
-    target: str
-    suffix: str
-
-    def __init__(self, program: Program, store: ArtifactStore, key_base: tuple):
+    def __init__(self, program: Program):
         super().__init__(program)
-        self.store = store
-        self.key_base = key_base
         self.functions: dict[tuple, Function] = {}
-        self.graph_texts = {name: graph_text(ep) for name, ep in program.graphs.items()}
-        self.compiled = self.loaded = 0
-        self.compile_seconds = 0.0
 
     @abstractmethod
-    def build(self, graph: str, inputs: tuple[torch.Tensor, ...]) -> bytes:
-        """The artifact of ``graph`` compiled for the shapes of ``inputs``."""
-
-    @abstractmethod
-    def load(self, graph: str, path: Path) -> Function:
-        """A function running the artifact at ``path`` on the graph's inputs, returning its outputs."""
+    def specialize(self, graph: str, inputs: tuple[torch.Tensor, ...], shapes: tuple) -> Function:
+        """The function running ``graph`` on inputs of these ``shapes`` (``(shape, dtype)`` per input)."""
 
     def run(self, graph: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = tuple(t.to(self.device) for t in inputs)
         if graph == "prefill":
             return self._prefill(*inputs)
         return self._call(graph, inputs)
@@ -140,10 +126,39 @@ class StaticShapeExecutable(Executable):
 
     def _call(self, graph: str, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         shapes = tuple((tuple(t.shape), str(t.dtype)) for t in inputs)
-        fn = self.functions.get((graph, shapes)) or self._function(graph, inputs, shapes)
+        fn = self.functions.get((graph, shapes))
+        if fn is None:
+            fn = self.functions[(graph, shapes)] = self.specialize(graph, inputs, shapes)
         return fn(inputs)
 
-    def _function(self, graph: str, inputs: tuple[torch.Tensor, ...], shapes: tuple) -> Function:
+
+class StaticShapeExecutable(ShapeSpecializedExecutable):
+    """Specializes through artifacts compiled ahead of time, built (or found on disk) per call shape.
+
+    Subclasses give ``target``, ``suffix``, ``build`` and ``load``. ``compiled`` / ``loaded`` count
+    functions built here / found on disk; ``compile_seconds`` sums build time.
+    """
+
+    target: str
+    suffix: str
+
+    def __init__(self, program: Program, store: ArtifactStore, key_base: tuple):
+        super().__init__(program)
+        self.store = store
+        self.key_base = key_base
+        self.graph_texts = {name: graph_text(ep) for name, ep in program.graphs.items()}
+        self.compiled = self.loaded = 0
+        self.compile_seconds = 0.0
+
+    @abstractmethod
+    def build(self, graph: str, inputs: tuple[torch.Tensor, ...]) -> bytes:
+        """The artifact of ``graph`` compiled for the shapes of ``inputs``."""
+
+    @abstractmethod
+    def load(self, graph: str, path: Path) -> Function:
+        """A function running the artifact at ``path`` on the graph's inputs, returning its outputs."""
+
+    def specialize(self, graph: str, inputs: tuple[torch.Tensor, ...], shapes: tuple) -> Function:
         name = f"{graph}-{artifact_key(self.graph_texts[graph], shapes, self.key_base)}{self.suffix}"
         path = self.store.find(name)
         if path is None:
@@ -154,8 +169,7 @@ class StaticShapeExecutable(Executable):
             log.info("%s target: compiled %s for %s in %.1fs", self.target, graph, shapes, time.perf_counter() - t0)
         else:
             self.loaded += 1
-        fn = self.functions[(graph, shapes)] = self.load(graph, path)
-        return fn
+        return self.load(graph, path)
 
     def artifacts(self) -> dict[str, Path]:
         return dict(self.store.used)
