@@ -28,17 +28,18 @@ from inferpass.kernels.quantized_attention import quantized_cache_attention
 from inferpass.kernels.quantized_cache import KVQuantSpec, LayerCache, append, attend
 
 
-def _spec(bits: int, group: int, residual: int, sink: int, value_group: int) -> KVQuantSpec:
+def op_spec(bits: int, group: int, residual: int, sink: int, value_group: int) -> KVQuantSpec:
+    """The ``KVQuantSpec`` of the ops' trailing int arguments; every implementation of both ops builds it here."""
     return KVQuantSpec(bits=bits, group=group, residual=residual, sink=sink, value_group=value_group)
 
 
 def _attention(q, new_k, new_v, start, cache, scale: float, bits: int, group: int, residual: int, sink: int,
                value_group: int, splits: int):
-    return attend(q, LayerCache(*cache), new_k, new_v, start, scale, _spec(bits, group, residual, sink, value_group))
+    return attend(q, LayerCache(*cache), new_k, new_v, start, scale, op_spec(bits, group, residual, sink, value_group))
 
 
 def _append(new_k, new_v, start, cache, bits: int, group: int, residual: int, sink: int, value_group: int):
-    return append(LayerCache(*cache), new_k, new_v, start, _spec(bits, group, residual, sink, value_group)).tensors()
+    return append(LayerCache(*cache), new_k, new_v, start, op_spec(bits, group, residual, sink, value_group)).tensors()
 
 
 KV_QUANT_ATTENTION = define_op(
@@ -62,7 +63,7 @@ KV_QUANT_APPEND = define_op(
 
 def _cpu_attention(q, new_k, new_v, start, cache, scale: float, bits: int, group: int, residual: int, sink: int,
                    value_group: int, splits: int):
-    spec = _spec(bits, group, residual, sink, value_group)
+    spec = op_spec(bits, group, residual, sink, value_group)
     return quantized_cache_attention(q, LayerCache(*cache), new_k, new_v, start, scale, spec)[0]
 
 
@@ -73,7 +74,7 @@ def fused_kernel_supports(spec: KVQuantSpec) -> bool:
 
 def _cuda_attention(q, new_k, new_v, start, cache, scale: float, bits: int, group: int, residual: int, sink: int,
                     value_group: int, splits: int):
-    spec = _spec(bits, group, residual, sink, value_group)
+    spec = op_spec(bits, group, residual, sink, value_group)
     if not fused_kernel_supports(spec):
         return quantized_cache_attention(q, LayerCache(*cache), new_k, new_v, start, scale, spec)[0]
     from inferpass.kernels.triton_ops import kv_quant_attention_op

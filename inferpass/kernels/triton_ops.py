@@ -19,9 +19,9 @@ import torch
 from torch.fx import Node
 from torch.library import triton_op
 
-from inferpass.kernels.kv_quant_op import KV_QUANT_ATTENTION, fused_kernel_supports
+from inferpass.kernels.kv_quant_op import KV_QUANT_ATTENTION, fused_kernel_supports, op_spec
 from inferpass.kernels.kv_quant_triton import kv_quant_attention_triton
-from inferpass.kernels.quantized_cache import KVQuantSpec, LayerCache
+from inferpass.kernels.quantized_cache import LayerCache
 from inferpass.kernels.split_kv_op import SPLIT_KV_ATTENTION, cached_plan, device_workers
 from inferpass.kernels.split_kv_triton import split_kv_attention_triton
 
@@ -39,7 +39,7 @@ def kv_quant_attention_op(q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Ten
                           cache: list[torch.Tensor], scale: float, bits: int, group: int, residual: int, sink: int,
                           value_group: int, splits: int) -> torch.Tensor:
     """``inferpass::kv_quant_attention`` on the fused dequantizing kernel (key group a power of two >= 16)."""
-    spec = KVQuantSpec(bits=bits, group=group, residual=residual, sink=sink, value_group=value_group)
+    spec = op_spec(bits, group, residual, sink, value_group)
     return kv_quant_attention_triton(q, LayerCache(*cache), new_k, new_v, start, scale, spec, splits=splits)[0]
 
 
@@ -49,16 +49,10 @@ _SPLIT_KV = torch.ops.inferpass.split_kv_attention_triton.default
 _KV_QUANT = torch.ops.inferpass.kv_quant_attention_triton.default
 
 
-def _kv_quant_supported(node: Node) -> bool:
-    bits, group, residual, sink, value_group = node.args[6:11]
-    return fused_kernel_supports(KVQuantSpec(bits=bits, group=group, residual=residual, sink=sink,
-                                             value_group=value_group))
-
-
 def triton_replacement(node: Node) -> torch._ops.OpOverload | None:
     """The Triton op computing ``node`` (same arguments), or None when no kernel of ours takes it."""
     if node.target is SPLIT_KV_ATTENTION.overload:
         return _SPLIT_KV
-    if node.target is KV_QUANT_ATTENTION.overload and _kv_quant_supported(node):
+    if node.target is KV_QUANT_ATTENTION.overload and fused_kernel_supports(op_spec(*node.args[6:11])):
         return _KV_QUANT
     return None

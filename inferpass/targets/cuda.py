@@ -100,9 +100,10 @@ class CudaExecutable(ShapeSpecializedExecutable):
             raise TargetError(f"target 'cuda': cannot compile the {graph} graph for inputs {shapes} on "
                               f"{self.device}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                               ) from err
+        seconds = time.perf_counter() - t0
         self.compiled += 1
-        self.compile_seconds += time.perf_counter() - t0
-        log.info("cuda target: compiled %s for %s in %.1fs", graph, shapes, time.perf_counter() - t0)
+        self.compile_seconds += seconds
+        log.info("cuda target: compiled %s for %s in %.1fs", graph, shapes, seconds)
 
         def step(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
             with torch.no_grad():
