@@ -23,3 +23,7 @@ class VerificationError(InferpassError):
 
 class TargetError(InferpassError):
     """A target cannot lower or run a program (unsupported op, dtype or missing toolchain)."""
+
+
+class OutputError(InferpassError):
+    """An output folder cannot be written: bad location, no permission, no space, or not ours to replace."""

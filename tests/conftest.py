@@ -1,9 +1,12 @@
 """Test setup: Triton runs in interpreter mode on the CPU; GPU tests skip cleanly without a GPU."""
 
 import os
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# folders saved by tests are trusted in a list of the test run's own, not the user's
+os.environ.setdefault("INFERPASS_TRUST_LIST", os.path.join(tempfile.mkdtemp(prefix="inferpass-trust-"), "trusted.txt"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -121,6 +121,7 @@ class Program:
     cache: CacheLayout | None = None
     applied: list[str] = field(default_factory=list)
     folder: Path | None = None  # the saved folder it was loaded from (compiled artifacts travel there)
+    trusted_artifacts: bool = False  # whether targets may load the compiled artifacts ``folder`` carries
 
     @property
     def is_decoder(self) -> bool:

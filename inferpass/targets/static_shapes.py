@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch.export.graph_signature import InputKind
 
+from inferpass import progress
 from inferpass.errors import TargetError
 from inferpass.ir.program import Program
 from inferpass.targets.artifacts import ArtifactStore, artifact_key
@@ -163,7 +164,8 @@ class StaticShapeExecutable(ShapeSpecializedExecutable):
         path = self.store.find(name)
         if path is None:
             t0 = time.perf_counter()
-            path = self.store.put(name, self.build(graph, inputs))
+            with progress.task(f"{self.target}: compiling {graph} for input shape {shapes[0][0]}"):
+                path = self.store.put(name, self.build(graph, inputs))
             self.compile_seconds += time.perf_counter() - t0
             self.compiled += 1
             log.info("%s target: compiled %s for %s in %.1fs", self.target, graph, shapes, time.perf_counter() - t0)
@@ -177,7 +179,8 @@ class StaticShapeExecutable(ShapeSpecializedExecutable):
 
 class StaticShapeTarget(Target):
     """A target whose executables are ``executable`` instances over an ``ArtifactStore`` in ``cache_dir``
-    (default ``artifacts.default_cache_dir()``) that also reads the program folder's carried artifacts."""
+    (default ``artifacts.default_cache_dir()``) that also reads the program folder's carried artifacts when
+    ``load_program`` trusted them (``Program.trusted_artifacts``)."""
 
     executable: type[StaticShapeExecutable]
 
@@ -185,5 +188,5 @@ class StaticShapeTarget(Target):
         self.cache_dir = cache_dir
 
     def compile(self, program: Program) -> StaticShapeExecutable:
-        carried = [program.folder / "artifacts" / self.name] if program.folder else []
+        carried = [program.folder / "artifacts" / self.name] if program.folder and program.trusted_artifacts else []
         return self.executable(program, ArtifactStore(self.name, self.cache_dir, carried))
