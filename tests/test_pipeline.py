@@ -96,3 +96,22 @@ def test_bad_file(tmp_path):
         Pipeline.load(str(tmp_path / "p.yaml"))
     with pytest.raises(PipelineError, match="cannot read pipeline file"):
         Pipeline.load(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("dce,cse,dce", "pass 'dce' is listed twice; list it once"),
+    ("test-a{level=1},test-a{level=2}", "conflicting configs for pass 'test-a': 'test-a{level=1}' and "
+                                        "'test-a{level=2}'; list it once"),
+    ("test-a{level=}", "pass 'test-a': 'level=' has no value \\(leave the key out for its default\\)"),
+])
+def test_repeated_passes_and_empty_values_are_refused_at_parse_time(text, message):
+    with pytest.raises(PipelineError, match=message):
+        Pipeline.parse(text)
+
+
+def test_graph_names_are_checked_without_a_program():
+    pipe = Pipeline.parse("cse{graphs=[decode]},dce")
+    pipe.check_graphs(("prefill", "decode"), "a decoder")
+    with pytest.raises(PipelineError, match=r"pass 'cse\{graphs=\[decode\]\}': no graph 'decode' in an encoder "
+                                            r"\(its graphs: forward\)"):
+        pipe.check_graphs(("forward",), "an encoder")

@@ -7,6 +7,7 @@ from torch.export import Dim
 from transformers import PreTrainedModel
 
 from inferpass.capture.decoder_step import DecoderStep
+from inferpass.errors import InferpassError
 from inferpass.ir.program import BATCH, CacheLayout, CacheTensor, ModelInfo, Program
 
 EXAMPLE_BATCH = 3
@@ -26,22 +27,42 @@ def cache_layout(model: PreTrainedModel, max_len: int) -> CacheLayout:
     return CacheLayout(max_len=max_len, tensors=tuple(tensors))
 
 
-def default_max_len(model: PreTrainedModel) -> int:
-    """Cache length used when none is given: the model's context, at most 4096."""
-    return min(int(getattr(model.config, "max_position_embeddings", 2048) or 2048), 4096)
+MIN_MAX_LEN = 3  # a prefill of two tokens and one decode step
+MAX_LEN_CAP = 32768  # cache slots per row beyond which a cache is more likely a typo than a plan
+DEFAULT_MAX_LEN = 4096  # the default cache: the model's context, at most this
+
+
+def context_of(config) -> int | None:
+    """The context a transformers config declares (``max_position_embeddings``; GPT-2's ``n_positions``)."""
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def default_max_len(context: int | None) -> int:
+    """Cache length used when none is given: the model's context (2048 if undeclared), at most 4096."""
+    return min(context or 2048, DEFAULT_MAX_LEN)
+
+
+def check_max_len(max_len: int, context: int | None, *, name: str = "max_len", where: str = "the model") -> None:
+    """Raise ``InferpassError`` unless ``MIN_MAX_LEN <= max_len <= min(context, MAX_LEN_CAP)``, naming the range."""
+    limit = min(context, MAX_LEN_CAP) if context else MAX_LEN_CAP
+    why = f"the context of {where}" if context and context <= MAX_LEN_CAP else "inferpass's cap on cache slots"
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or not MIN_MAX_LEN <= max_len <= limit:
+        raise InferpassError(f"{name} {max_len} is out of range: allowed {MIN_MAX_LEN}..{limit} "
+                             f"({MIN_MAX_LEN}: a prefill and a decode step; {limit}: {why})")
 
 
 def capture_decoder(model: PreTrainedModel, max_len: int | None = None, source: str | None = None) -> Program:
     """Export ``model`` as ``prefill`` (batch and sequence dynamic) and ``decode`` (batch dynamic, one token).
 
     Both graphs take ``(input_ids, start, *cache)`` and return ``(logits, *cache)``; see ``DecoderStep``.
+    ``max_len`` (cache slots; None: ``default_max_len``) must pass ``check_max_len``.
     Exact: captured graphs compute what the eager model computes.
     """
     model = model.eval()
-    max_len = max_len or default_max_len(model)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if max_len < 3 or (limit and max_len > limit):
-        raise ValueError(f"max_len={max_len} must be in [3, {limit}] for {type(model).__name__}")
+    context = context_of(model.config)
+    max_len = default_max_len(context) if max_len is None else max_len
+    check_max_len(max_len, context, where=source or type(model).__name__)
     layout = cache_layout(model, max_len)
     step = DecoderStep(model).eval()
     caches = layout.allocate(EXAMPLE_BATCH)

@@ -13,6 +13,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from inferpass import progress
+
 LogitsFn = Callable[[torch.Tensor], Mapping[str | int, torch.Tensor]]
 
 
@@ -54,7 +56,8 @@ def bits_per_byte(
         groups.setdefault(w[1] - w[0], []).append(w)
     totals: dict[str | int, float] = {}
     scored = 0
-    with torch.no_grad():
+    batches = sum(-(-len(ws) // batch) for ws in groups.values())
+    with torch.no_grad(), progress.task(f"scoring bits/byte on {len(tokens):,} bytes", total=batches) as step:
         for length, ws in groups.items():
             for i in range(0, len(ws), batch):
                 chunk = ws[i : i + batch]
@@ -69,5 +72,6 @@ def bits_per_byte(
                     )
                     totals[name] = totals.get(name, 0.0) + float(nll[mask].double().sum())
                 scored += int(mask.sum())
+                step.advance()
     assert scored == len(tokens) - 1, (scored, len(tokens))
     return {name: total / scored / math.log(2) for name, total in totals.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from inferpass import progress
 from inferpass.eval.bits_per_byte import bits_per_byte
 from inferpass.runtime.generator import Generator
 from inferpass.targets.base import Executable
@@ -43,8 +44,11 @@ def greedy_agreement(
 ) -> float:
     """Mean fraction of ``new_tokens`` greedy tokens the candidate generates identically to the baseline
     before the first divergence (1.0 = identical continuations for every prompt)."""
-    want = Generator(baseline).generate(prompts, new_tokens).tokens
-    got = Generator(candidate).generate(prompts, new_tokens).tokens
+    with progress.task("greedy agreement", total=2) as step:
+        want = Generator(baseline).generate(prompts, new_tokens).tokens
+        step.advance()
+        got = Generator(candidate).generate(prompts, new_tokens).tokens
+        step.advance()
     fractions = []
     for w, g in zip(want, got):
         same = 0

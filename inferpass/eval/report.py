@@ -8,7 +8,7 @@ import torch
 from rich.table import Table
 
 from inferpass.eval.quality import accuracy, greedy_agreement, program_bits_per_byte
-from inferpass.eval.speed import decoder_speeds, encoder_speeds
+from inferpass.eval.speed import BUDGET_S, STABLE_SPREAD, decoder_speeds, encoder_speeds
 from inferpass.targets.base import Executable
 
 
@@ -21,6 +21,7 @@ class Row:
     optimized: float | None
     better: str
     fmt: str = "{:.4g}"
+    spread: float | None = None  # relative 95% CI half-width of the ratio, for measured speeds
 
     @property
     def ratio(self) -> float | None:
@@ -31,22 +32,32 @@ class Row:
 
 @dataclass
 class Report:
-    """Rows of metrics; ``table()`` renders them, ``to_dict()`` goes into the manifest."""
+    """Rows of metrics and how the speeds were measured; ``table()`` renders them (the caption says how many
+    interleaved rounds the speeds took and whether their ratios were stable), ``to_dict()`` goes into the manifest."""
 
     rows: list[Row]
+    speed_repeats: int | None = None
+    speed_stable: bool | None = None
 
     def table(self, title: str = "baseline vs optimized") -> Table:
-        table = Table(title=title)
-        for col in ("metric", "baseline", "optimized", "optimized / baseline", "better"):
+        caption = None
+        if self.speed_repeats is not None:
+            caption = (f"speeds: {self.speed_repeats} interleaved rounds; ratios "
+                       + (f"stable to ±{STABLE_SPREAD:.0%} (95% CI)" if self.speed_stable else
+                          "NOT stable (busy machine?): read them with their ± spread"))
+        table = Table(title=title, caption=caption)
+        for col in ("metric", "baseline", "optimized", "optimized / baseline", "± (95% CI)", "better"):
             table.add_column(col, justify="left" if col == "metric" else "right")
         for row in self.rows:
             show = lambda v: "-" if v is None else row.fmt.format(v)  # noqa: E731
             table.add_row(row.metric, show(row.baseline), show(row.optimized),
-                          "-" if row.ratio is None else f"{row.ratio:.3f}×", row.better)
+                          "-" if row.ratio is None else f"{row.ratio:.3f}×",
+                          "-" if row.spread is None else f"±{row.spread:.1%}", row.better)
         return table
 
     def to_dict(self) -> dict:
-        return {row.metric: {**asdict(row), "ratio": row.ratio} for row in self.rows}
+        return {"speed_repeats": self.speed_repeats, "speed_stable": self.speed_stable,
+                **{row.metric: {**asdict(row), "ratio": row.ratio} for row in self.rows}}
 
     def value(self, metric: str) -> Row:
         return next(r for r in self.rows if r.metric == metric)
@@ -75,8 +86,10 @@ def compare_decoders(
     new_tokens: int = 32,
     text: bytes | None = None,
     context: int = 1024,
+    budget_s: float = BUDGET_S,
 ) -> Report:
-    """Quality (bits/byte on ``text`` if given, greedy agreement) then speed and memory, both programs.
+    """Quality (bits/byte on ``text`` if given, greedy agreement) then speed and memory, both programs
+    (speed rounds repeat until their ratios are stable or ``budget_s`` passes: ``speed.decoder_speeds``).
 
     When the optimized program's cache layout differs from the baseline's, bits/byte feed each
     window ``EVAL_CHUNK`` tokens at a time through the cache (see ``program_bits_per_byte``) so
@@ -89,20 +102,26 @@ def compare_decoders(
                         program_bits_per_byte(optimized, text, context=context, chunk=chunk), "lower"))
     rows.append(Row("greedy agreement", 1.0, greedy_agreement(baseline, optimized, prompts, new_tokens), "higher",
                     "{:.3f}"))
-    base, opt = decoder_speeds([baseline, optimized], prompts, new_tokens)
+    speeds = decoder_speeds([baseline, optimized], prompts, new_tokens, budget_s=budget_s)
+    base, opt = speeds.figures
     rows += [
-        Row("prefill latency (s)", base["prefill_s"], opt["prefill_s"], "lower"),
-        Row("decode tokens/s", base["decode_tok_s"], opt["decode_tok_s"], "higher", "{:.1f}"),
-        Row("request latency p50 (s)", base["latency_p50_s"], opt["latency_p50_s"], "lower"),
-        Row("request latency p90 (s)", base["latency_p90_s"], opt["latency_p90_s"], "lower"),
-        Row("request latency p99 (s)", base["latency_p99_s"], opt["latency_p99_s"], "lower"),
+        Row(name, base[key], opt[key], better, fmt, speeds.spread[key])
+        for name, key, better, fmt in (
+            ("prefill latency (s)", "prefill_s", "lower", "{:.4g}"),
+            ("decode tokens/s", "decode_tok_s", "higher", "{:.1f}"),
+            ("request latency p50 (s)", "latency_p50_s", "lower", "{:.4g}"),
+            ("request latency p90 (s)", "latency_p90_s", "lower", "{:.4g}"),
+            ("request latency p99 (s)", "latency_p99_s", "lower", "{:.4g}"),
+        )
+    ]
+    rows += [
         Row("peak RSS (bytes)", base["peak_rss_bytes"], opt["peak_rss_bytes"], "lower", "{:,.0f}"),
         Row("KV-cache bytes / sequence", baseline.program.cache.nbytes(1), optimized.program.cache.nbytes(1),
             "lower", "{:,.0f}"),
         Row("parameters", baseline.program.parameter_count(), optimized.program.parameter_count(), "lower",
             "{:,.0f}"),
     ]
-    return Report(rows)
+    return Report(rows, speeds.repeats, speeds.stable)
 
 
 def compare_encoders(
@@ -110,6 +129,8 @@ def compare_encoders(
     optimized: Executable,
     inputs: tuple[torch.Tensor, ...],
     labels: torch.Tensor | None = None,
+    *,
+    budget_s: float = BUDGET_S,
 ) -> Report:
     """Accuracy (with ``labels``) and top-1 agreement on ``forward(*inputs)``, latency and memory, both programs."""
     rows = []
@@ -120,11 +141,12 @@ def compare_encoders(
     want, got = want.cpu(), got.cpu()
     rows.append(Row("top-1 agreement", 1.0, float((want.argmax(-1) == got.argmax(-1)).float().mean()), "higher",
                     "{:.4f}"))
-    base, opt = encoder_speeds([baseline, optimized], inputs)
+    speeds = encoder_speeds([baseline, optimized], inputs, budget_s=budget_s)
+    base, opt = speeds.figures
     rows += [
-        Row("forward latency (s)", base["forward_s"], opt["forward_s"], "lower"),
+        Row("forward latency (s)", base["forward_s"], opt["forward_s"], "lower", spread=speeds.spread["forward_s"]),
         Row("peak RSS (bytes)", base["peak_rss_bytes"], opt["peak_rss_bytes"], "lower", "{:,.0f}"),
         Row("parameters", baseline.program.parameter_count(), optimized.program.parameter_count(), "lower",
             "{:,.0f}"),
     ]
-    return Report(rows)
+    return Report(rows, speeds.repeats, speeds.stable)

@@ -2,7 +2,10 @@
 
 After every pass the verifier checks the program (``ir.verify``); in debug mode an
 exact pass's output is also compared numerically with its input on seeded example
-inputs. Any failure raises ``PassFailure`` whose message carries the repro command.
+inputs. A pass that refuses its config or the model (``PipelineError``,
+``UnsupportedModelError``) raises that error as is: the user's to fix, no repro bundle. Any
+other failure (a bug in the pass, or output the verifier rejects) raises ``PassFailure``
+whose message carries the repro command.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Any
 
 import torch
 
-from inferpass.errors import InferpassError, VerificationError
+from inferpass import progress
+from inferpass.errors import InferpassError, PipelineError, UnsupportedModelError, VerificationError
 from inferpass.ir.examples import example_inputs
 from inferpass.ir.program import Program
 from inferpass.ir.verify import verify_program
@@ -123,29 +127,37 @@ class PassManager:
         for inst in self.instruments:
             inst.before_pipeline(program)
         run = PipelineRun(program)
-        for index, pass_ in enumerate(self.pipeline.passes):
-            start = time.perf_counter()
-            try:
-                result = self._run_one(pass_, run.program)
-            except Exception as exc:  # any failure, including bugs in the pass, gets a repro
-                lines = [line for inst in self.instruments if (line := inst.on_failure(index, pass_, run.program, exc))]
-                message = f"pass '{pass_.spec()}' failed: {type(exc).__name__}: {exc}"
-                raise PassFailure("\n".join([message, *lines]), self.repro.bundle if self.repro else None) from exc
-            seconds = time.perf_counter() - start
-            before, after = run.program, result.program
-            run.records.append(
-                PassRecord(
-                    spec=pass_.spec(),
-                    exact=pass_.exact,
-                    seconds=seconds,
-                    changed=result.changed,
-                    stats=result.stats,
-                    nodes_delta=after.node_count() - before.node_count(),
-                    parameters_delta=after.parameter_count() - before.parameter_count(),
-                    cache_bytes_delta=cache_bytes(after) - cache_bytes(before),
-                )
-            )
-            for inst in self.instruments:
-                inst.after_pass(index, pass_, result, seconds)
-            run.program = after
+        with progress.task("running passes", total=len(self.pipeline)) as step:
+            for index, pass_ in enumerate(self.pipeline.passes):
+                self._run_recorded(index, pass_, run)
+                step.advance()
         return run
+
+    def _run_recorded(self, index: int, pass_: Pass, run: PipelineRun) -> None:
+        """Run one pass on ``run.program``; store its output and record in ``run``, or raise (see module doc)."""
+        start = time.perf_counter()
+        try:
+            result = self._run_one(pass_, run.program)
+        except (PipelineError, UnsupportedModelError):
+            raise  # the pass refused its config or this model: a user's error, not the pass's
+        except Exception as exc:  # any other failure, including bugs in the pass, gets a repro
+            lines = [line for inst in self.instruments if (line := inst.on_failure(index, pass_, run.program, exc))]
+            message = f"pass '{pass_.spec()}' failed: {type(exc).__name__}: {exc}"
+            raise PassFailure("\n".join([message, *lines]), self.repro.bundle if self.repro else None) from exc
+        seconds = time.perf_counter() - start
+        before, after = run.program, result.program
+        run.records.append(
+            PassRecord(
+                spec=pass_.spec(),
+                exact=pass_.exact,
+                seconds=seconds,
+                changed=result.changed,
+                stats=result.stats,
+                nodes_delta=after.node_count() - before.node_count(),
+                parameters_delta=after.parameter_count() - before.parameter_count(),
+                cache_bytes_delta=cache_bytes(after) - cache_bytes(before),
+            )
+        )
+        for inst in self.instruments:
+            inst.after_pass(index, pass_, result, seconds)
+        run.program = after

@@ -2,16 +2,19 @@
 
 String form: ``"layer-skip{layers=[3,5]},kv-quant{bits=4},lean-attention"`` — items
 separated by top-level commas, each ``name`` or ``name{key=value,...}`` with values in
-YAML flow syntax. Ordering constraints (``runs_after``/``runs_before``) are sorted with
-networkx, keeping the written order where no constraint applies; a cycle is an error
-naming the passes in it.
+YAML flow syntax (``key=`` with no value is an error: leave the key out for its default).
+Each pass appears at most once (a repeat is a duplicate, or a conflict when the configs
+differ): ordering constraints name passes, so a repeated one has no defined place.
+Ordering constraints (``runs_after``/``runs_before``) are sorted with networkx, keeping
+the written order where no constraint applies; a cycle is an error naming the passes in it.
+``check_graphs`` validates the graph names in pass configs against a model kind before capture.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import networkx as nx
 import yaml
@@ -55,6 +58,9 @@ def _parse_item(item: str) -> tuple[str, dict[str, Any]]:
         key, eq, raw = pair.partition("=")
         if not eq or not key.strip():
             raise PipelineError(f"pass '{name.strip()}': expected key=value, got {pair!r}")
+        if not raw.strip():
+            raise PipelineError(f"pass '{name.strip()}': '{key.strip()}=' has no value "
+                                "(leave the key out for its default)")
         try:
             options[key.strip()] = yaml.safe_load(raw.strip())
         except yaml.YAMLError as exc:
@@ -66,6 +72,7 @@ class Pipeline:
     """Configured passes in execution order (constraints applied)."""
 
     def __init__(self, passes: list[Pass]):
+        _check_unique(passes)
         self.passes = _ordered(passes)
 
     @classmethod
@@ -112,12 +119,34 @@ class Pipeline:
             return cls.from_file(text_or_path)
         return cls.parse(text_or_path or "")
 
+    def check_graphs(self, graphs: Sequence[str], model: str) -> None:
+        """Raise ``PipelineError`` if a pass config's ``graphs`` names a graph not in ``graphs`` (those of ``model``,
+        described for the message), before any capture."""
+        for p in self.passes:
+            named = getattr(p.config, "graphs", None) or []
+            unknown = [g for g in named if g not in graphs]
+            if unknown:
+                raise PipelineError(f"pass '{p.spec()}': no graph {', '.join(map(repr, unknown))} in {model} "
+                                    f"(its graphs: {', '.join(graphs)})")
+
     def to_string(self) -> str:
         """The pipeline string that rebuilds this pipeline."""
         return ",".join(p.spec() for p in self.passes)
 
     def __len__(self) -> int:
         return len(self.passes)
+
+
+def _check_unique(passes: list[Pass]) -> None:
+    first: dict[str, Pass] = {}
+    for p in passes:
+        seen = first.setdefault(p.name, p)
+        if seen is p:
+            continue
+        if seen.config == p.config:
+            raise PipelineError(f"pass '{p.spec()}' is listed twice; list it once")
+        raise PipelineError(f"conflicting configs for pass '{p.name}': '{seen.spec()}' and '{p.spec()}'; "
+                            "list it once with the config you want")
 
 
 def _ordered(passes: list[Pass]) -> list[Pass]:

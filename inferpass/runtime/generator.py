@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,9 +23,40 @@ class Generation:
     decode_seconds: list[float] = field(default_factory=list)
 
 
+def _token(value, row: int, position: int, vocab: int | None) -> int:
+    """``value`` as a token id; raises ``InferpassError`` naming the row and position for a non-integer
+    (floats and bools too: never truncated) or an id outside ``[0, vocab)``."""
+    try:
+        if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+            raise TypeError
+        token = operator.index(value)
+    except TypeError:
+        raise InferpassError(f"prompt {row}, position {position}: token id {value!r} is a "
+                             f"{type(value).__name__}, not an integer") from None
+    if token < 0 or (vocab is not None and token >= vocab):
+        raise InferpassError(f"prompt {row}, position {position}: token id {token} is outside the vocabulary "
+                             f"[0, {vocab}) of this program")
+    return token
+
+
+def check_prompts(prompts: list[list[int]], vocab: int | None) -> list[list[int]]:
+    """The prompts as lists of int token ids; raises ``InferpassError`` for an empty batch ("no prompts"),
+    an empty prompt, or a bad token id (see ``_token``)."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise InferpassError(f"prompts must be a list of token-id lists, got a {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise InferpassError("no prompts: the batch is empty")
+    checked = []
+    for row, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence | torch.Tensor):
+            raise InferpassError(f"prompt {row} must be a list of token ids, got a {type(prompt).__name__}")
+        if len(prompt) == 0:
+            raise InferpassError(f"prompt {row} is empty: every prompt needs at least one token")
+        checked.append([_token(t, row, i, vocab) for i, t in enumerate(prompt)])
+    return checked
+
+
 def _pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise InferpassError("every prompt needs at least one token")
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     for row, p in enumerate(prompts):
@@ -39,7 +72,25 @@ class Generator:
         if not program.is_decoder:
             raise InferpassError(f"{program.info.architecture} is not a decoder; nothing to generate")
         self.executable = executable
+        self.program = program
         self.layout = program.cache
+
+    def check_request(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """The prompts as int lists, or ``InferpassError`` before any work: prompts as in ``check_prompts``,
+        ``max_new_tokens`` an int >= 0, and every prompt plus its ``max_new_tokens - 1`` fed-back tokens
+        within the cache's ``max_len``."""
+        prompts = check_prompts(prompts, self.program.info.vocab_size)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise InferpassError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        row = max(range(len(prompts)), key=lambda r: len(prompts[r]))
+        length, max_len = len(prompts[row]), self.layout.max_len
+        needed = length + max(max_new_tokens, 1) - 1
+        if needed > max_len:
+            room = (f"at most {max_len - length + 1} new tokens for this prompt" if length <= max_len
+                    else "the prompt alone does not fit")
+            raise InferpassError(f"prompt {row} ({length} tokens) + max_new_tokens {max_new_tokens} needs {needed} "
+                                 f"cache positions; the program's max_len is {max_len} ({room})")
+        return prompts
 
     def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
         """Prefill a batch of prompts; return (logits [B, S_max, V] on the host, right-padded with zeros, the cache
@@ -49,7 +100,7 @@ class Generator:
         its prompt: nothing is written past a row's length (a padded token could otherwise
         reach a cache that cannot take writes back, such as a quantized one).
         """
-        ids, lengths = _pad(prompts)
+        ids, lengths = _pad(self.check_request(prompts, 1))
         cache = KVCache(self.layout, len(prompts), self.executable.device)
         cache.reserve(lengths)
         logits = None
@@ -87,7 +138,14 @@ class Generator:
         seed: int = 0,
         eos_token_id: int | None = None,
     ) -> Generation:
-        """Generate up to ``max_new_tokens`` per row; ``temperature=0`` is greedy (argmax)."""
+        """Generate up to ``max_new_tokens`` per row; ``temperature=0`` is greedy (argmax).
+
+        The request is checked first (``check_request``); ``max_new_tokens=0`` returns an empty list per
+        row and runs nothing.
+        """
+        prompts = self.check_request(prompts, max_new_tokens)
+        if max_new_tokens == 0:
+            return Generation([[] for _ in prompts], 0.0)
         gen = torch.Generator().manual_seed(seed)
 
         def pick(logits: torch.Tensor) -> torch.Tensor:

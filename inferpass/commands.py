@@ -1,0 +1,239 @@
+"""The work behind ``optimize-model`` (``inferpass.cli`` parses the arguments): list passes, reproduce a
+repro bundle, or optimize a model.
+
+Optimizing validates everything it can before capture — the model directory (``config.json``
+read as JSON, no weights loaded), the pipeline (names, configs, duplicates, graph names for
+the model kind), the target, ``--max-len`` against the model's context, the evaluation text
+and the output location — so bad input fails in seconds, not after minutes of work. Long
+steps show progress bars with an ETA (``inferpass.progress``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from inferpass import progress
+from inferpass.capture import GRAPHS_BY_KIND, capture, inspect_model_dir
+from inferpass.capture.decoder import check_max_len
+from inferpass.capture.hf_loader import ModelDir
+from inferpass.defaults import DEFAULT_MODEL, DEFAULT_PIPELINES, HELDOUT_TEXT
+from inferpass.errors import InferpassError, PipelineError
+from inferpass.eval.digits import DIGITS_FILE, IMAGE_SIZE, load_digits
+from inferpass.eval.report import Report, compare_decoders, compare_encoders, prompts_from_text, random_prompts
+from inferpass.ir.examples import example_inputs
+from inferpass.ir.output_folder import check_output
+from inferpass.ir.serialize import save_program
+from inferpass.passes import PassManager, Pipeline, PipelineRun, registered_passes
+from inferpass.plugins import load_plugin
+from inferpass.runtime.generator import Generator
+from inferpass.targets import Executable, get_target
+
+OUTPUT_BYTES_PER_WEIGHT_BYTE = 3  # the saved folder holds fp32 weights (2x a bf16 checkpoint) plus graphs
+
+console = Console(highlight=False, markup=False, width=140)  # no markup: "[encoder]" in a message is text
+err_console = Console(stderr=True, highlight=False, markup=False, width=140)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the mode ``args`` selects; raises ``InferpassError`` for bad input."""
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2))
+    torch.manual_seed(args.seed)
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    if args.list_passes:
+        list_passes()
+        return 0
+    if args.repro:
+        from inferpass.repro import reproduce
+
+        message = reproduce(args.repro)
+        err_console.print(f"reproduced: {message}", soft_wrap=True)
+        return 1
+    return optimize(args)
+
+
+def field_default(field) -> str:
+    """A config field's default as ``--list-passes`` shows it (a factory's value, not pydantic's sentinel)."""
+    if field.is_required():
+        return "(required)"
+    value = field.get_default(call_default_factory=True)
+    return "=auto" if value is None and "auto" in (field.description or "") else f"={value!r}"
+
+
+def list_passes() -> None:
+    table = Table(title="passes")
+    for col in ("name", "kind", "config (default)", "runs after", "runs before", "summary"):
+        table.add_column(col)
+    for cls in registered_passes():
+        fields = ", ".join(f"{k}{field_default(f)}" for k, f in cls.Config.model_fields.items())
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        table.add_row(
+            cls.name,
+            "exact" if cls.exact else "approximate",
+            fields or "-",
+            ",".join(sorted(cls.runs_after)) or "-",
+            ",".join(sorted(cls.runs_before)) or "-",
+            summary,
+        )
+    console.print(table)
+
+
+def explain(run: PipelineRun) -> None:
+    table = Table(title="what each pass changed")
+    for col in ("#", "pass", "kind", "seconds", "changed", "nodes Δ", "params Δ", "cache bytes Δ", "details"):
+        table.add_column(col)
+    for i, r in enumerate(run.records, 1):
+        table.add_row(
+            str(i),
+            r.spec,
+            "exact" if r.exact else "approx",
+            f"{r.seconds:.3f}",
+            "yes" if r.changed else "no",
+            f"{r.nodes_delta:+d}",
+            f"{r.parameters_delta:+d}",
+            f"{r.cache_bytes_delta:+d}",
+            ", ".join(f"{k}={v}" for k, v in r.stats.items()),
+        )
+    console.print(table)
+
+
+def output_diffs(baseline: Executable, optimized: Executable, seed: int) -> dict[str, float]:
+    """Max |first-output difference| per graph between two executables on seeded example inputs.
+
+    When a pass changed the cache layout (``kv-quant``) the graphs take different caches, so the two
+    are compared through the runtime instead: logits of seeded prompts prefilled into empty caches,
+    then of one decode step after them.
+    """
+    def gap(want: torch.Tensor, got: torch.Tensor) -> float:
+        return float((want.float() - got.float().cpu()).abs().max())
+
+    with progress.task("comparing outputs with the captured model"):
+        if baseline.program.cache == optimized.program.cache:
+            diffs = {}
+            for name in baseline.program.graphs:
+                inputs = example_inputs(baseline.program, name, seed=seed)
+                diffs[name] = gap(baseline.run(name, *inputs)[0], optimized.run(name, *inputs)[0])
+            return diffs
+        prompts = example_inputs(baseline.program, "prefill", seed=seed)[0].tolist()
+        (want, want_cache, _), (got, got_cache, _) = (Generator(e).prefill(prompts) for e in (baseline, optimized))
+        token = want[:, -1].argmax(-1)
+        return {"prefill": gap(want, got), "decode": gap(Generator(baseline).decode(want_cache, token),
+                                                          Generator(optimized).decode(got_cache, token))}
+
+
+def eval_text(args: argparse.Namespace, model: ModelDir) -> bytes | None:
+    """The bytes bits/byte is scored on: ``--eval-text`` (checked), else the shipped held-out text for
+    byte-level models (vocab 256), else None."""
+    byte_level = model.config.get("vocab_size") == 256
+    if args.eval_text:
+        path = Path(args.eval_text)
+        if not path.is_file():
+            raise InferpassError(f"--eval-text {path} is not a file")
+        if model.kind != "decoder" or not byte_level:
+            raise InferpassError(f"--eval-text needs a byte-level decoder (vocab 256) to score bits/byte; "
+                                 f"{model.root} is a {model.model_type} {model.kind} with vocab "
+                                 f"{model.config.get('vocab_size')}")
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise InferpassError(f"--eval-text {path}: cannot read it: {exc.strerror}") from None
+    return HELDOUT_TEXT.read_bytes() if byte_level and model.kind == "decoder" and HELDOUT_TEXT.is_file() else None
+
+
+def evaluate(baseline: Executable, optimized: Executable, args: argparse.Namespace, text: bytes | None) -> Report:
+    """The side-by-side report: decoders on held-out text and prompts, encoders on their test data."""
+    info = baseline.program.info
+    if info.kind == "encoder":
+        if info.family == "vit" and info.hf_config.get("image_size") == IMAGE_SIZE and DIGITS_FILE.is_file():
+            pixels, labels = load_digits("test")
+            return compare_encoders(baseline, optimized, (pixels,), labels, budget_s=args.speed_budget)
+        inputs = example_inputs(baseline.program, "forward", batch=16, seed=args.seed)
+        return compare_encoders(baseline, optimized, inputs, budget_s=args.speed_budget)
+    max_len = baseline.program.cache.max_len
+    context = min(1024, max_len)
+    length = max(1, min(64 if text else 16, max_len // 2))  # prompts leave room to generate
+    if text:
+        prompts = prompts_from_text(text, length=length)
+    else:
+        prompts = random_prompts(info.vocab_size, length=length, seed=args.seed)
+    new_tokens = min(args.new_tokens, max_len - length)
+    return compare_decoders(baseline, optimized, prompts=prompts, new_tokens=new_tokens, text=text, context=context,
+                            budget_s=args.speed_budget)
+
+
+def load_pipeline(text: str | None, model: ModelDir) -> Pipeline:
+    """``--pipeline`` (or the model kind's default preset), checked against the model's graphs."""
+    if text is None:
+        return Pipeline.parse(DEFAULT_PIPELINES[model.kind])
+    pipeline = Pipeline.load(text)
+    if not len(pipeline):
+        raise PipelineError(f"--pipeline {text!r} names no passes and would run nothing; omit --pipeline for the "
+                            f"default preset ({DEFAULT_PIPELINES[model.kind]!r} for a {model.kind})")
+    pipeline.check_graphs(GRAPHS_BY_KIND[model.kind], f"the {model.kind} {model.root}")
+    return pipeline
+
+
+def optimize(args: argparse.Namespace) -> int:
+    if not args.model_dir and not DEFAULT_MODEL.is_dir():
+        raise InferpassError(f"no MODEL_DIR given and the embedded default model is not installed at {DEFAULT_MODEL}")
+    model_dir = Path(args.model_dir) if args.model_dir else DEFAULT_MODEL
+    model = inspect_model_dir(model_dir)
+    pipeline = load_pipeline(args.pipeline, model)
+    target = get_target(args.target)
+    if args.max_len is not None:
+        if model.kind != "decoder":
+            raise InferpassError(f"--max-len sets a decoder's KV-cache length; {model_dir} is a {model.kind} "
+                                 f"({model.model_type})")
+        check_max_len(args.max_len, model.context, name="--max-len", where=str(model_dir))
+    text = None if args.no_eval else eval_text(args, model)
+    out = Path(args.out) if args.out else Path.cwd() / f"{model_dir.name}.inferpass"
+    check_output(out, overwrite=args.force, sources=[model_dir],
+                 expected_bytes=OUTPUT_BYTES_PER_WEIGHT_BYTE * model.weight_bytes)
+    with progress.ConsoleReporter(console) as reporter, progress.reporting(reporter):
+        return _optimize(args, model_dir, pipeline, target, text, out)
+
+
+def _optimize(args, model_dir: Path, pipeline: Pipeline, target, text: bytes | None, out: Path) -> int:
+    t0 = time.perf_counter()
+    program = capture(model_dir, max_len=args.max_len)
+    capture_s = time.perf_counter() - t0
+    console.print(
+        f"captured {program.info.architecture} ({program.info.num_layers} layers, "
+        f"{program.parameter_count():,} parameters) into graphs {', '.join(program.graphs)} in {capture_s:.1f}s"
+    )
+    manager = PassManager(pipeline, debug=args.debug, dump_dir=args.dump_ir, repro_dir=args.repro_dir, seed=args.seed)
+    console.print(f"pipeline: {pipeline.to_string()}")
+    run = manager.run(program)
+    if args.explain or args.verbose:
+        explain(run)
+    baseline, optimized = get_target("eager").compile(program), target.compile(run.program)
+    diffs = output_diffs(baseline, optimized, args.seed)
+    console.print("max |output difference| vs captured model: " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
+    report = None
+    if not args.no_eval:
+        report = evaluate(baseline, optimized, args, text)
+        console.print(report.table(f"{program.info.architecture}: captured (eager) vs optimized ({target.name})"))
+    extra = {
+        "pipeline": pipeline.to_string(),
+        "pass_configs": [{"name": p.name, "config": p.config.model_dump(mode="json")} for p in pipeline.passes],
+        "target": target.name,
+        "records": [r.__dict__ for r in run.records],
+        "report": {
+            "max_abs_output_diff": diffs,
+            "capture_seconds": capture_s,
+            "metrics": report.to_dict() if report else None,
+        },
+    }
+    artifacts = optimized.artifacts()
+    with progress.task(f"saving {out}"):
+        save_program(run.program, out, extra=extra, overwrite=args.force,
+                     artifacts={target.name: artifacts} if artifacts else None)
+    console.print(f"wrote {out}")
+    return 0

@@ -1,0 +1,15 @@
+"""What ``optimize-model`` uses when not told otherwise: the embedded models, the held-out text, the presets.
+
+Standard library only: ``inferpass.cli`` shows these in ``--help`` before the heavy stack is imported.
+"""
+
+from pathlib import Path
+
+DEFAULT_PIPELINES = {  # exact presets per model kind
+    "decoder": "dce,cse,drop-unused-params,lean-attention",
+    "encoder": "dce,cse,drop-unused-params",
+}
+TARGETS = ("eager", "cpu", "inductor", "cuda")  # the built-in targets, for --help (the registry is heavy)
+MODELS = Path(__file__).parent / "models"
+DEFAULT_MODEL = MODELS / "default-lm"
+HELDOUT_TEXT = MODELS / "shakespeare-heldout.txt"
