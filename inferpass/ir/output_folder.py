@@ -199,10 +199,9 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False, expected_by
         else:
             os.replace(tmp, target)
             _fsync_dir(target.parent)
-    except OutputError:
-        raise
     except Exception as exc:
-        if isinstance(exc, OSError) or _OS_ERROR.search(str(exc)):
+        shutil.rmtree(tmp, ignore_errors=True)  # first, so the error reports the space really free
+        if not isinstance(exc, OutputError) and (isinstance(exc, OSError) or _OS_ERROR.search(str(exc))):
             raise output_error(exc, target, expected_bytes) from exc
         raise
     finally:
