@@ -181,6 +181,7 @@ def load_pipeline(text: str | None, model: ModelDir) -> Pipeline:
 
 
 def optimize(args: argparse.Namespace) -> int:
+    """Validate the inputs (module doc), then capture, run the pipeline, compare, report and save; 0 on success."""
     if not args.model_dir and not DEFAULT_MODEL.is_dir():
         raise InferpassError(f"no MODEL_DIR given and the embedded default model is not installed at {DEFAULT_MODEL}")
     model_dir = Path(args.model_dir) if args.model_dir else DEFAULT_MODEL
@@ -189,7 +190,7 @@ def optimize(args: argparse.Namespace) -> int:
     target = get_target(args.target)
     if args.max_len is not None:
         if model.kind != "decoder":
-            raise InferpassError(f"--max-len sets a decoder's KV-cache length; {model_dir} is a {model.kind} "
+            raise InferpassError(f"--max-len sets a decoder's KV-cache length; {model_dir} is an encoder "
                                  f"({model.model_type})")
         check_max_len(args.max_len, model.context, name="--max-len", where=str(model_dir))
     text = None if args.no_eval else eval_text(args, model)
@@ -201,6 +202,7 @@ def optimize(args: argparse.Namespace) -> int:
 
 
 def _optimize(args, model_dir: Path, pipeline: Pipeline, target, text: bytes | None, out: Path) -> int:
+    """The work of ``optimize`` once its inputs are validated."""
     t0 = time.perf_counter()
     program = capture(model_dir, max_len=args.max_len)
     capture_s = time.perf_counter() - t0

@@ -168,6 +168,8 @@ def test_graph_names_are_checked_against_the_model_kind(tmp_path, capsys, no_cap
     tiny_bert(layers=1).save_pretrained(tmp_path / "bert")
     _fails([str(tmp_path / "bert"), "--pipeline", "cse{graphs=[decode]}"], capsys,
            f"no graph 'decode' in the encoder {tmp_path / 'bert'} (its graphs: forward)", tmp_path / "out")
+    _fails([str(tmp_path / "bert"), "--max-len", "16"], capsys,
+           f"--max-len sets a decoder's KV-cache length; {tmp_path / 'bert'} is an encoder (bert)", tmp_path / "out")
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "2", "99999"])

@@ -42,7 +42,7 @@ def _token(value, row: int, position: int, vocab: int | None) -> int:
 def check_prompts(prompts: list[list[int]], vocab: int | None) -> list[list[int]]:
     """The prompts as lists of int token ids; raises ``InferpassError`` for an empty batch ("no prompts"),
     an empty prompt, or a bad token id (see ``_token``)."""
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence | torch.Tensor):
         raise InferpassError(f"prompts must be a list of token-id lists, got a {type(prompts).__name__}")
     if len(prompts) == 0:
         raise InferpassError("no prompts: the batch is empty")
