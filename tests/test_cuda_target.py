@@ -1,11 +1,11 @@
 """The ``cuda`` target without a GPU, and with one.
 
-Here (no GPU): our Triton ops run in interpreter mode and equal the ops' references; the
-lowering (Triton ops, in-place cache writes, device placement) run op by op equals the
-captured graph, writes the caches it is given and creates nothing on the wrong device; the
-same executable compiled by Inductor's CPU backend equals eager through prefill and 8 decode
-steps and never allocates a cache-sized buffer in a decode step; the target names itself when
-there is no GPU. On a GPU (marker ``gpu``): the target equals eager with decode under CUDA graphs.
+Here (no GPU): our Triton ops, and the ops' CUDA kernels built on them (``cuda_kernels``), run in
+interpreter mode and equal the ops' references; the lowering (Triton ops, in-place cache writes,
+device placement) run op by op equals the captured graph, writes the caches it is given and
+creates nothing on the wrong device; the same executable compiled by Inductor's CPU backend
+equals eager through prefill and 8 decode steps and never allocates a cache-sized buffer in a
+decode step; the target names itself when there is no GPU. On a GPU (marker ``gpu``): the target equals eager with decode under CUDA graphs.
 """
 
 import subprocess
@@ -20,8 +20,10 @@ from factories import decoder_configs, tiny_decoder
 from inferpass.capture import capture
 from inferpass.cli import DEFAULT_PIPELINES
 from inferpass.errors import TargetError
+from inferpass.kernels import cuda_kernels  # noqa: F401  (registers the ops' CUDA kernels)
 from inferpass.kernels.kv_quant_op import KV_QUANT_ATTENTION
 from inferpass.kernels.quantized_cache import attend
+from inferpass.kernels.split_kv_op import SPLIT_KV_ATTENTION
 from inferpass.kernels.split_kv_reference import dense_attention
 from inferpass.kernels.triton_ops import kv_quant_attention_op, split_kv_attention_op
 from inferpass.passes import PassManager, Pipeline
@@ -56,6 +58,21 @@ def test_kv_quant_triton_op_equals_the_reference(problem, splits):
     value_group = spec.value_group_size(cache.k_codes.shape[1], q.shape[-1])
     got = kv_quant_attention_op(q, new_k, new_v, start, cache.tensors(), scale, spec.bits, spec.group,
                                 spec.residual, spec.sink, value_group, splits if splits else 1)
+    torch.testing.assert_close(got, attend(q, cache, new_k, new_v, start, scale, spec), atol=2e-5, rtol=2e-5)
+
+
+@given(split_kv=decode_problems(), kv_quant=problems())
+@settings(max_examples=6)
+def test_the_ops_cuda_kernels_equal_the_references(split_kv, kv_quant):
+    q, k, v, start, scale = split_kv
+    out, lse = SPLIT_KV_ATTENTION.kernels["cuda"](q, k, v, start, scale, "auto", -1, 16)
+    want_out, want_lse = dense_attention(q, k, v, start, scale)
+    torch.testing.assert_close(out, want_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=2e-5)
+    spec, q, cache, new_k, new_v, start, scale = kv_quant
+    value_group = spec.value_group_size(cache.k_codes.shape[1], q.shape[-1])
+    got = KV_QUANT_ATTENTION.kernels["cuda"](q, new_k, new_v, start, cache.tensors(), scale, spec.bits, spec.group,
+                                             spec.residual, spec.sink, value_group, -1)
     torch.testing.assert_close(got, attend(q, cache, new_k, new_v, start, scale, spec), atol=2e-5, rtol=2e-5)
 
 

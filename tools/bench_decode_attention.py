@@ -30,8 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from inferpass.kernels.decode_plan import plan_decode_attention  # noqa: E402
-from inferpass.kernels.split_kv_op import device_workers  # noqa: E402
+from inferpass.kernels.decode_plan import device_workers, plan_decode_attention  # noqa: E402
 from inferpass.kernels.split_kv_reference import chunked_attention  # noqa: E402
 
 HEADS, HEAD_DIM = 32, 128

@@ -19,15 +19,17 @@ contiguous *run* of that flat index:
 The Triton kernels compute the same runs on the device from ``start``, so a plan
 needs no host-side lengths: ``DecodePlan`` fixes only the grid (schedule, split
 count, program count, block size), chosen from static sizes and the device's
-parallelism. ``runs`` is the host-side model of the kernels' assignment, used
-by ``describe`` and by tests.
+parallelism (``device_workers``). ``runs`` is the host-side model of the kernels'
+assignment, used by ``describe`` and by tests.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict
 
 Schedule = Literal["single", "split", "stream-k"]
@@ -35,6 +37,7 @@ MAX_SPLITS = 128
 FILL_FRACTION = 0.8  # no split when one-program-per-head already fills this share of the workers
 WAVE_TOLERANCE = 0.85  # split count: the smallest within this factor of the best wave efficiency
 PROGRAMS_PER_WORKER = 2  # stream-k: persistent programs per SM (or per CPU thread)
+REFERENCE_SMS = 132  # plans shown without a GPU are for an H100 SXM
 
 
 class DecodePlan(BaseModel):
@@ -152,3 +155,23 @@ def _flash_decoding_splits(heads: int, tiles: int, workers: int) -> int:
 
     best = max(efficiency(n) for n in candidates)
     return next(n for n in candidates if efficiency(n) >= WAVE_TOLERANCE * best)
+
+
+@functools.lru_cache(maxsize=256)
+def cached_plan(batch: int, kv_heads: int, cache_len: int, workers: int, schedule: str, splits: int,
+                block_n: int) -> DecodePlan:
+    """``plan_decode_attention`` memoized on the call shape (splits -1 = auto)."""
+    return plan_decode_attention(batch, kv_heads, cache_len, workers, schedule=schedule,
+                                 splits="auto" if splits < 0 else splits, block_n=block_n)
+
+
+def device_workers(device: torch.device) -> int:
+    """Programs the device runs at once: SMs on CUDA, threads on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.get_num_threads()
+
+
+def planning_workers() -> int:
+    """SMs of the local GPU, or ``REFERENCE_SMS`` without one: the device ``--explain`` shows plans for."""
+    return device_workers(torch.device("cuda")) if torch.cuda.is_available() else REFERENCE_SMS

@@ -10,11 +10,11 @@
 The query and new-token arguments come first so structure recovery finds the projections
 feeding them. Implementations of the attention:
 
-* reference (and what lowering decomposes to): ``quantized_cache.attend``, which expands the
-  whole store (aten only, traceable);
+* reference (any device without a kernel, and what lowering decomposes to): ``quantized_cache.attend``,
+  which expands the whole store (aten only, traceable);
 * CPU kernel: ``quantized_attention.quantized_cache_attention``, the valid prefix a chunk at a time;
-* CUDA kernel: the fused dequantizing Triton kernels of ``kv_quant_triton`` through the Triton op of
-  ``triton_ops`` (key groups that are no power of two >= 16 fall back to the chunked torch kernel).
+* CUDA kernel: the fused dequantizing Triton kernel, registered by ``cuda_kernels`` (not imported
+  here, so this op never imports Triton).
 
 The append is functional (``quantized_cache.append``) on every device.
 """
@@ -25,12 +25,7 @@ import torch
 
 from inferpass.ir.ops import define_op, register_kernel
 from inferpass.kernels.quantized_attention import quantized_cache_attention
-from inferpass.kernels.quantized_cache import KVQuantSpec, LayerCache, append, attend
-
-
-def op_spec(bits: int, group: int, residual: int, sink: int, value_group: int) -> KVQuantSpec:
-    """The ``KVQuantSpec`` of the ops' trailing int arguments; every implementation of both ops builds it here."""
-    return KVQuantSpec(bits=bits, group=group, residual=residual, sink=sink, value_group=value_group)
+from inferpass.kernels.quantized_cache import LayerCache, append, attend, empty_attention, op_spec
 
 
 def _attention(q, new_k, new_v, start, cache, scale: float, bits: int, group: int, residual: int, sink: int,
@@ -47,8 +42,7 @@ KV_QUANT_ATTENTION = define_op(
     "(Tensor q, Tensor new_k, Tensor new_v, Tensor start, Tensor[] cache, float scale, int bits, int group,"
     " int residual, int sink, int value_group, int splits) -> Tensor",
     reference=_attention,
-    fake=lambda q, new_k, new_v, start, cache, scale, bits, group, residual, sink, value_group, splits:
-        torch.empty_like(q),
+    fake=empty_attention,
     role="attention",
 )
 KV_QUANT_APPEND = define_op(
@@ -67,20 +61,4 @@ def _cpu_attention(q, new_k, new_v, start, cache, scale: float, bits: int, group
     return quantized_cache_attention(q, LayerCache(*cache), new_k, new_v, start, scale, spec)[0]
 
 
-def fused_kernel_supports(spec: KVQuantSpec) -> bool:
-    """Whether the fused Triton kernel takes ``spec``: its key group is the tile, a power of two >= 16."""
-    return spec.group >= 16 and not spec.group & (spec.group - 1)
-
-
-def _cuda_attention(q, new_k, new_v, start, cache, scale: float, bits: int, group: int, residual: int, sink: int,
-                    value_group: int, splits: int):
-    spec = op_spec(bits, group, residual, sink, value_group)
-    if not fused_kernel_supports(spec):
-        return quantized_cache_attention(q, LayerCache(*cache), new_k, new_v, start, scale, spec)[0]
-    from inferpass.kernels.triton_ops import kv_quant_attention_op
-
-    return kv_quant_attention_op(q, new_k, new_v, start, cache, scale, bits, group, residual, sink, value_group, splits)
-
-
 register_kernel("kv_quant_attention", "cpu", _cpu_attention)
-register_kernel("kv_quant_attention", "cuda", _cuda_attention)

@@ -24,10 +24,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from inferpass.kernels.kv_quant_op import fused_kernel_supports
+from inferpass.kernels.decode_plan import cached_plan, device_workers
 from inferpass.kernels.quantized_attention import fp_extras
-from inferpass.kernels.quantized_cache import KVQuantSpec, LayerCache
-from inferpass.kernels.split_kv_op import cached_plan, device_workers
+from inferpass.kernels.quantized_cache import KVQuantSpec, LayerCache, fused_kernel_supports
 from inferpass.kernels.split_kv_triton import finish, load_queries, reduce_partials, softmax_step, store_partial, store_rows
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -111,6 +111,16 @@ class KVQuantSpec(BaseModel):
         return torch.clamp(torch.div(tail, self.group, rounding_mode="floor"), min=0) * self.group
 
 
+def op_spec(bits: int, group: int, residual: int, sink: int, value_group: int) -> KVQuantSpec:
+    """The ``KVQuantSpec`` of the kv-quant ops' trailing int arguments; every implementation builds it here."""
+    return KVQuantSpec(bits=bits, group=group, residual=residual, sink=sink, value_group=value_group)
+
+
+def fused_kernel_supports(spec: KVQuantSpec) -> bool:
+    """Whether the fused Triton kernel takes ``spec``: its key group is the tile, a power of two >= 16."""
+    return spec.group >= 16 and not spec.group & (spec.group - 1)
+
+
 class LayerCache(NamedTuple):
     """One layer's quantized cache tensors (see module doc for shapes); the sinks are None when ``sink = 0``."""
 
@@ -214,6 +224,11 @@ def attend(q: torch.Tensor, cache: LayerCache, new_k: torch.Tensor, new_v: torch
     append plus the ``S`` new tokens ``new_k``/``new_v`` ``[B, H, S, D]``; output in ``q``'s dtype."""
     keys, values = sequence_keys_values(cache, new_k, new_v, start, spec)
     return dense_attention(q, keys, values, start, scale)[0]
+
+
+def empty_attention(q: torch.Tensor, *_) -> torch.Tensor:
+    """Uninitialized attention output for ``q`` (``attend``'s shape and dtype): the kv-quant attention ops' fake."""
+    return torch.empty_like(q)
 
 
 def append(cache: LayerCache, new_k: torch.Tensor, new_v: torch.Tensor, start: torch.Tensor,

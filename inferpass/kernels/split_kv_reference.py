@@ -36,6 +36,11 @@ def check_decode_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start
                          f"{start.dtype} {tuple(start.shape)}")
 
 
+def empty_outputs(q: torch.Tensor, *_) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialized ``(out, lse)`` for ``q`` as above: the fake implementation of every ``split_kv_attention`` op."""
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 def visible_slots(start: torch.Tensor, q_len: int, cache_len: int) -> torch.Tensor:
     """Bool ``[B, 1, 1, S, L]``: query ``i`` of row ``b`` sees slot ``j`` iff ``j <= start[b] + i``."""
     positions = start[:, None] + torch.arange(q_len, device=start.device)[None, :]

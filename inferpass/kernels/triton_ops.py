@@ -2,27 +2,27 @@
 
     inferpass::split_kv_attention_triton — same schema and contract as ``split_kv_op``
     inferpass::kv_quant_attention_triton — same schema and contract as ``kv_quant_op``'s attention
+                                           (key group a power of two >= 16: ``fused_kernel_supports``)
 
 Each launches our kernels through ``torch.library.wrap_triton``: an eager call runs them
 directly; under ``torch.compile`` / Inductor the op decomposes into the kernel launches, which
 Inductor emits in its own generated code — a compiled graph, and a CUDA graph captured from
-it, calls no Python per step. The ops' CUDA kernels call these ops, so eager and compiled GPU
-runs share one path. ``triton_replacement`` says which op replaces a graph node, if any (the
-``cuda`` target rewrites graphs with it). Shape propagation uses the original ops' fake
-implementations, so graphs holding these ops trace on any device (also under
-``TRITON_INTERPRET=1``, where the kernels run on CPU tensors).
+it, calls no Python per step. ``cuda_kernels`` makes these ops the custom ops' CUDA kernels, so
+eager and compiled GPU runs share one path. Shape propagation uses the same fake
+implementations as the custom ops, so graphs holding these ops trace on any device (also under
+``TRITON_INTERPRET=1``, where the kernels run on CPU tensors). Built on the Triton kernels and
+the planners only: nothing here imports the custom ops.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.fx import Node
 from torch.library import triton_op
 
-from inferpass.kernels.kv_quant_op import KV_QUANT_ATTENTION, fused_kernel_supports, op_spec
+from inferpass.kernels.decode_plan import cached_plan, device_workers
 from inferpass.kernels.kv_quant_triton import kv_quant_attention_triton
-from inferpass.kernels.quantized_cache import LayerCache
-from inferpass.kernels.split_kv_op import SPLIT_KV_ATTENTION, cached_plan, device_workers
+from inferpass.kernels.quantized_cache import LayerCache, empty_attention, op_spec
+from inferpass.kernels.split_kv_reference import empty_outputs
 from inferpass.kernels.split_kv_triton import split_kv_attention_triton
 
 
@@ -43,16 +43,5 @@ def kv_quant_attention_op(q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Ten
     return kv_quant_attention_triton(q, LayerCache(*cache), new_k, new_v, start, scale, spec, splits=splits)[0]
 
 
-split_kv_attention_op.register_fake(SPLIT_KV_ATTENTION.fake)
-kv_quant_attention_op.register_fake(KV_QUANT_ATTENTION.fake)
-_SPLIT_KV = torch.ops.inferpass.split_kv_attention_triton.default
-_KV_QUANT = torch.ops.inferpass.kv_quant_attention_triton.default
-
-
-def triton_replacement(node: Node) -> torch._ops.OpOverload | None:
-    """The Triton op computing ``node`` (same arguments), or None when no kernel of ours takes it."""
-    if node.target is SPLIT_KV_ATTENTION.overload:
-        return _SPLIT_KV
-    if node.target is KV_QUANT_ATTENTION.overload and fused_kernel_supports(op_spec(*node.args[6:11])):
-        return _KV_QUANT
-    return None
+split_kv_attention_op.register_fake(empty_outputs)
+kv_quant_attention_op.register_fake(empty_attention)

@@ -27,9 +27,9 @@ from inferpass.errors import UnsupportedModelError
 from inferpass.ir.graph_utils import fake_value, refresh, set_user_io, user_inputs
 from inferpass.ir.program import BATCH, DECODER_INPUTS, CacheLayout, CacheTensor, Program
 from inferpass.ir.structure import recover_structure
-from inferpass.kernels.kv_quant_op import KV_QUANT_APPEND, KV_QUANT_ATTENTION, fused_kernel_supports
-from inferpass.kernels.quantized_cache import STATS_DTYPE, KVQuantSpec
-from inferpass.kernels.split_kv_op import cached_plan, planning_workers
+from inferpass.kernels.decode_plan import cached_plan, planning_workers
+from inferpass.kernels.kv_quant_op import KV_QUANT_APPEND, KV_QUANT_ATTENTION
+from inferpass.kernels.quantized_cache import STATS_DTYPE, KVQuantSpec, fused_kernel_supports
 from inferpass.passes.base import AutoOrPositive, Pass, PassConfig, PassResult, op_count, register_pass
 from inferpass.passes.cache_attention import cache_attention, insert_like
 

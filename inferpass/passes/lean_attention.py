@@ -25,7 +25,8 @@ from inferpass.errors import UnsupportedModelError
 from inferpass.ir.graph_utils import refresh, user_inputs
 from inferpass.ir.program import Program
 from inferpass.ir.structure import recover_structure
-from inferpass.kernels.split_kv_op import SPLIT_KV_ATTENTION, cached_plan, planning_workers
+from inferpass.kernels.decode_plan import cached_plan, planning_workers
+from inferpass.kernels.split_kv_op import SPLIT_KV_ATTENTION
 from inferpass.passes.base import AutoOrPositive, Pass, PassConfig, PassResult, op_count, register_pass
 from inferpass.passes.cache_attention import cache_attention, insert_like
 

@@ -1,6 +1,5 @@
-"""Lowering targets. Importing this package registers the built-in targets."""
+"""Lowering targets. ``get_target`` imports a built-in target's module on first use (see ``base.BUILT_IN``)."""
 
-from inferpass.targets import cuda, eager, inductor, iree_cpu  # noqa: F401  (registers the targets)
 from inferpass.targets.base import Executable, Target, get_target, target_names
 
 __all__ = ["Executable", "Target", "get_target", "target_names"]

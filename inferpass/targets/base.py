@@ -11,6 +11,7 @@ a caller must treat the caches it passes as consumed and use only the returned o
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -48,6 +49,11 @@ class Target(ABC):
         """Lower ``program``; raise ``TargetError`` naming any op or dtype the target cannot run."""
 
 
+# The module of each built-in target, imported when the target is first asked for: running on one target never
+# imports another's compiler (the eager path never imports Triton).
+BUILT_IN = {"eager": "inferpass.targets.eager", "cpu": "inferpass.targets.iree_cpu",
+            "inductor": "inferpass.targets.inductor", "cuda": "inferpass.targets.cuda"}
+
 _TARGETS: dict[str, type[Target]] = {}
 
 
@@ -58,11 +64,18 @@ def register_target(cls: type[Target]) -> type[Target]:
 
 
 def get_target(name: str) -> Target:
-    """A target instance by name; unknown names raise naming the known targets."""
+    """A target instance by name (importing a built-in target's module); unknown names raise naming the known
+    targets, and a built-in target whose module cannot be imported (its compiler missing) raises naming why."""
+    if name not in _TARGETS and name in BUILT_IN:
+        try:
+            importlib.import_module(BUILT_IN[name])
+        except ImportError as err:
+            raise TargetError(f"target '{name}' cannot be loaded: {err}") from err
     if name not in _TARGETS:
-        raise TargetError(f"unknown target '{name}'; available: {', '.join(sorted(_TARGETS))}")
+        raise TargetError(f"unknown target '{name}'; available: {', '.join(target_names())}")
     return _TARGETS[name]()
 
 
 def target_names() -> list[str]:
-    return sorted(_TARGETS)
+    """Names of the built-in and registered targets."""
+    return sorted(BUILT_IN.keys() | _TARGETS.keys())

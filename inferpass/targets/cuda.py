@@ -17,6 +17,8 @@ Weights move to the device once, shared between graphs. Outputs equal eager up t
 rounding and the kernels' own contracts. ``CudaTarget(device="cpu")`` runs the same lowering
 with our ops' aten references, Inductor's CPU backend and no CUDA graphs: how the lowering is
 tested on machines without a GPU (the Triton ops themselves are tested in interpreter mode).
+Importing this target registers our ops' CUDA kernels (``kernels.cuda_kernels``, imported by
+``in_place_step``), so eager calls of our ops on CUDA tensors run the Triton kernels too.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The eager target: run each exported graph with PyTorch eager kernels. The reference for every other target."""
+"""The eager target: run each exported graph with PyTorch eager kernels. The reference for every other target.
+
+It never imports Triton: our ops run their CPU kernels, and on CUDA tensors their aten references unless
+``inferpass.kernels.cuda_kernels`` (the ops' Triton kernels) has been imported.
+"""
 
 from __future__ import annotations
 

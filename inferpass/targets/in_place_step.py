@@ -5,7 +5,7 @@ a module: ``module(*weights, *inputs)`` computes the graph with its weights, buf
 as leading arguments (like ``static_shapes.static_export``, nothing baked in) and:
 
 * every op of ours is replaced by its Triton op where one of our kernels takes it
-  (``triton_ops.triton_replacement``, when ``triton``) and otherwise decomposed to its aten
+  (``cuda_kernels.triton_replacement``, when ``triton``) and otherwise decomposed to its aten
   reference, so the module holds only aten ops and Triton ops;
 * every ``scatter(x, dim, index, src)`` — how captured graphs write a cache — becomes the
   equivalent ``index_put`` with an index per dim: Inductor turns an ``index_put`` of a graph input
@@ -26,7 +26,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from inferpass.ir.ops import reference_decompositions
-from inferpass.kernels.triton_ops import triton_replacement
+from inferpass.kernels.cuda_kernels import triton_replacement
 from inferpass.targets.static_shapes import static_export
 
 aten = torch.ops.aten
