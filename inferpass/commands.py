@@ -121,11 +121,13 @@ def output_diffs(baseline: Executable, optimized: Executable, seed: int) -> dict
                 inputs = example_inputs(baseline.program, name, seed=seed)
                 diffs[name] = gap(baseline.run(name, *inputs)[0], optimized.run(name, *inputs)[0])
             return diffs
-        prompts = example_inputs(baseline.program, "prefill", seed=seed)[0].tolist()
+        program = baseline.program
+        prompts = example_inputs(program, program.graph_for(), seed=seed)[0].tolist()
         (want, want_cache, _), (got, got_cache, _) = (Generator(e).prefill(prompts) for e in (baseline, optimized))
         token = want[:, -1].argmax(-1)
-        return {"prefill": gap(want, got), "decode": gap(Generator(baseline).decode(want_cache, token),
-                                                          Generator(optimized).decode(got_cache, token))}
+        return {program.graph_for(): gap(want, got),
+                program.graph_for(1): gap(Generator(baseline).decode(want_cache, token),
+                                          Generator(optimized).decode(got_cache, token))}
 
 
 def eval_text(args: argparse.Namespace, model: ModelDir) -> bytes | None:
@@ -154,7 +156,7 @@ def evaluate(baseline: Executable, optimized: Executable, args: argparse.Namespa
         if info.family == "vit" and info.hf_config.get("image_size") == IMAGE_SIZE and DIGITS_FILE.is_file():
             pixels, labels = load_digits("test")
             return compare_encoders(baseline, optimized, (pixels,), labels, budget_s=args.speed_budget)
-        inputs = example_inputs(baseline.program, "forward", batch=16, seed=args.seed)
+        inputs = example_inputs(baseline.program, baseline.program.graph_for(), batch=16, seed=args.seed)
         return compare_encoders(baseline, optimized, inputs, budget_s=args.speed_budget)
     max_len = baseline.program.cache.max_len
     context = min(1024, max_len)

@@ -39,7 +39,7 @@ HELDOUT_SLICE = 8192  # held-out bytes scored in tests (8 windows of 1024)
 def lm_program():
     """The shipped default LM, captured once per test session (cache of 1024 slots)."""
     from inferpass.capture import capture
-    from inferpass.cli import DEFAULT_MODEL
+    from inferpass.defaults import DEFAULT_MODEL
 
     return capture(DEFAULT_MODEL, max_len=1024)
 
@@ -47,6 +47,6 @@ def lm_program():
 @pytest.fixture(scope="session")
 def heldout() -> bytes:
     """The first ``HELDOUT_SLICE`` bytes of the shipped held-out text."""
-    from inferpass.cli import HELDOUT_TEXT
+    from inferpass.defaults import HELDOUT_TEXT
 
     return HELDOUT_TEXT.read_bytes()[:HELDOUT_SLICE]

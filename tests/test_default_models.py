@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from inferpass.capture import capture
-from inferpass.cli import DEFAULT_MODEL, HELDOUT_TEXT, MODELS
+from inferpass.defaults import DEFAULT_MODEL, HELDOUT_TEXT, MODELS
 from inferpass.eval.bits_per_byte import bits_per_byte, byte_tokens
 from inferpass.eval.digits import load_digits
 from inferpass.eval.early_exit import all_exit_logits

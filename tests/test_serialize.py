@@ -187,9 +187,14 @@ def _swap_two_weights(manifest):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m["info"].update(vocab_size=65), "says 65 vocabulary entries but graph '(prefill|decode)' outputs"),
-    (lambda m: m["cache"].update(max_len=4096), "says max_len 4096 but the prefill graph was captured for 8"),
-    (lambda m: m["cache"]["tensors"][0].update(dtype="float16"), "cache tensor k0 is float16"),
+    (lambda m: m["info"].update(vocab_size=65), r"contradicts the graphs: graph '(prefill|decode)': returns logits "
+                                                r"\[s\d+, (s\d+|1), 64\], the program says 65 vocabulary entries"),
+    (lambda m: m["cache"].update(max_len=4096), "says max_len 4096 but graph 'prefill' was captured for 8"),
+    (lambda m: m["cache"]["tensors"][0].update(dtype="float16"), "cache input k0 is torch.float32"),
+    (lambda m: m["graphs"]["decode"]["role"].update(tokens=2), "graph 'decode': takes 1 tokens per row, its role "
+                                                               "says 2"),
+    (lambda m: m["graphs"]["decode"]["role"].update(caches=["v0", "k0"]), "role's caches \\['v0', 'k0'\\] are "
+                                                                         "not tensors of the cache layout in layout"),
     (_swap_two_weights, "graph 'decode' expects model.model.embed_tokens.weight as torch.float32"),
     (lambda m: m.pop("graphs"), "malformed manifest.*graphs"),
     (lambda m: m.update(applied="dce"), "malformed manifest.*applied"),

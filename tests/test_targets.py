@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from factories import decoder_configs, tiny_decoder, tiny_vit
 from inferpass.capture import capture
-from inferpass.cli import DEFAULT_PIPELINES, MODELS
+from inferpass.defaults import DEFAULT_PIPELINES, MODELS
 from inferpass.errors import TargetError
 from inferpass.eval.digits import load_digits
 from inferpass.eval.quality import accuracy

@@ -8,7 +8,7 @@ from transformers import PreTrainedModel
 
 from inferpass.capture.decoder_step import DecoderStep
 from inferpass.errors import InferpassError
-from inferpass.ir.program import BATCH, CacheLayout, CacheTensor, ModelInfo, Program
+from inferpass.ir.program import BATCH, DECODE, PREFILL, CacheLayout, CacheTensor, ModelInfo, Program
 
 EXAMPLE_BATCH = 3
 
@@ -83,4 +83,5 @@ def capture_decoder(model: PreTrainedModel, max_len: int | None = None, source: 
             dynamic_shapes=({0: batch}, {0: batch}, cache_dims),
         )
     info = ModelInfo.from_hf(model, "decoder", source)
-    return Program(info=info, graphs={"prefill": prefill, "decode": decode}, cache=layout)
+    return Program(info=info, graphs={"prefill": prefill, "decode": decode}, roles={"prefill": PREFILL, "decode": DECODE},
+                   cache=layout)

@@ -7,7 +7,7 @@ from torch import nn
 from torch.export import Dim
 from transformers import PreTrainedModel
 
-from inferpass.ir.program import ModelInfo, Program
+from inferpass.ir.program import ENCODER, ModelInfo, Program
 
 EXAMPLE_BATCH = 3
 
@@ -58,4 +58,4 @@ def capture_encoder(model: PreTrainedModel, source: str | None = None) -> Progra
     with torch.no_grad():
         ep = torch.export.export(wrapper.eval(), example_inputs(model), dynamic_shapes=dynamic)
     info = ModelInfo.from_hf(model, "encoder", source)
-    return Program(info=info, graphs={"forward": ep})
+    return Program(info=info, graphs={"forward": ep}, roles={"forward": ENCODER})

@@ -32,7 +32,7 @@ def program_bits_per_byte(executable: Executable, data: bytes, *, context: int =
         for first in range(0, ids.shape[1], step):
             piece = ids[:, first : first + step]
             start = torch.full((ids.shape[0],), first, dtype=torch.long)
-            out, *cache = executable.run("decode" if piece.shape[1] == 1 else "prefill", piece, start, *cache)
+            out, *cache = executable.run(program.graph_for(piece.shape[1]), piece, start, *cache)
             pieces.append(out.cpu())
         return {"model": torch.cat(pieces, dim=1)}
 
@@ -64,6 +64,6 @@ def accuracy(
     """Top-1 accuracy of an encoder classifier program; ``inputs`` are its ``forward`` inputs, batch-first."""
     correct = 0
     for i in range(0, len(labels), batch):
-        (logits,) = executable.run("forward", *(x[i : i + batch] for x in inputs))
+        (logits,) = executable.run(executable.program.graph_for(), *(x[i : i + batch] for x in inputs))
         correct += int((logits.cpu().argmax(-1) == labels[i : i + batch]).sum())
     return correct / len(labels)

@@ -165,7 +165,7 @@ def encoder_speeds(executables: list[Executable], inputs: tuple[torch.Tensor, ..
     def round_() -> list[dict[str, float]]:
         for executable, samples in zip(executables, times):
             t0 = time.perf_counter()
-            executable.run("forward", *inputs)[0].cpu()  # waits for a device to finish
+            executable.run(executable.program.graph_for(), *inputs)[0].cpu()  # waits for a device to finish
             samples.append(time.perf_counter() - t0)
         return [{"forward_s": samples[-1]} for samples in times]
 
@@ -174,7 +174,7 @@ def encoder_speeds(executables: list[Executable], inputs: tuple[torch.Tensor, ..
     figures = [
         {
             "forward_s": statistics.median(samples),
-            "peak_rss_bytes": peak_memory_bytes(lambda e=executable: e.run("forward", *inputs)),
+            "peak_rss_bytes": peak_memory_bytes(lambda e=executable: e.run(e.program.graph_for(), *inputs)),
         }
         for executable, samples in zip(executables, times)
     ]

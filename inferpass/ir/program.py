@@ -1,11 +1,13 @@
 """``Program``: the captured model — one or more exported graphs plus what the runtime needs to run them.
 
-A decoder LM has two graphs sharing weights:
+A decoder LM is captured as two graphs sharing weights:
 
 * ``prefill``: ``(input_ids [B, S], start [B], *cache) -> (logits [B, S, V], *cache)``, S dynamic;
 * ``decode``:  the same with S = 1 static.
 
-An encoder has one graph, ``forward``. Cache tensors are explicit graph inputs and
+An encoder has one graph, ``forward``. Each graph's ``GraphRole`` says what it is (tokens per
+row, the caches it reads and writes, what it returns), so passes may add graphs (a k-token
+verify step, a draft over the first layers) that everything downstream runs by role. Cache tensors are explicit graph inputs and
 outputs, described by a ``CacheLayout`` so the runtime can allocate them and a pass
 (e.g. KV quantization) can change them.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PositiveInt
 from torch.export import ExportedProgram
 
 BATCH = "batch"
@@ -56,11 +58,20 @@ class CacheTensor(BaseModel):
 
 
 class CacheLayout(BaseModel):
-    """All cache tensors of a decoder program, in graph order, and the longest sequence they hold."""
+    """All cache tensors of a decoder program, in graph order, the longest sequence they hold, and what the
+    runtime may do with them (declared by whoever makes the layout: capture, or the pass that changes it).
+
+    ``accepts_padding``: tokens written past a row's length are harmless (plain k/v caches hide
+    such slots from every query until real tokens overwrite them), so rows may be prefilled
+    padded to a common length. ``supports_rollback``: lowering a row's length forgets the
+    tokens past it exactly (speculative decoding, an engine releasing a row's tail).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     max_len: int
     tensors: tuple[CacheTensor, ...]
+    accepts_padding: bool = True
+    supports_rollback: bool = True
 
     def allocate(self, batch: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
         """Zero-filled cache tensors for ``batch`` sequences, in graph order."""
@@ -70,11 +81,29 @@ class CacheLayout(BaseModel):
         """Total cache bytes for ``batch`` sequences."""
         return sum(t.nbytes(batch) for t in self.tensors)
 
-    @property
-    def accepts_padding(self) -> bool:
-        """Whether tokens written past a row's length are harmless: true for plain k/v caches, where such
-        slots are hidden from every query until real tokens overwrite them (not for quantized caches)."""
-        return all(t.role in ("k", "v") for t in self.tensors)
+
+class GraphRole(BaseModel):
+    """What a graph computes, declared by whoever adds the graph (capture, or a pass); the runtime, the
+    verifier, example inputs, evaluation and every target read the role, never the graph's name.
+
+    ``tokens``: tokens per row: ``"any"`` (a prefill, an encoder's sequence) or a fixed count
+    (1 for a decode step, k for a k-token verify step). ``caches``: names of the cache tensors
+    the graph takes after ``(input_ids, start)`` and returns after its outputs, in layout
+    order; None = every tensor of the layout (encoders: none). ``outputs``: what the graph
+    returns first, in order (``logits``, and e.g. ``hidden`` or ``exit_logits``). ``layers``:
+    the blocks it runs; None = all ``ModelInfo.num_layers``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tokens: Literal["any"] | PositiveInt
+    caches: tuple[str, ...] | None = None
+    outputs: tuple[str, ...] = ("logits",)
+    layers: tuple[int, ...] | None = None
+
+
+PREFILL = GraphRole(tokens="any")
+DECODE = GraphRole(tokens=1)
+ENCODER = GraphRole(tokens="any", caches=())
 
 
 class ModelInfo(BaseModel):
@@ -118,14 +147,43 @@ class Program:
 
     info: ModelInfo
     graphs: dict[str, ExportedProgram]
+    roles: dict[str, GraphRole]
     cache: CacheLayout | None = None
     applied: list[str] = field(default_factory=list)
     folder: Path | None = None  # the saved folder it was loaded from (compiled artifacts travel there)
     trusted_artifacts: bool = False  # whether targets may load the compiled artifacts ``folder`` carries
 
+    def __post_init__(self):
+        if set(self.roles) != set(self.graphs):
+            raise ValueError(f"every graph needs a role: graphs {sorted(self.graphs)}, roles {sorted(self.roles)}")
+
     @property
     def is_decoder(self) -> bool:
         return self.info.kind == "decoder"
+
+    def cache_tensors(self, graph: str) -> tuple[CacheTensor, ...]:
+        """The cache tensors ``graph`` takes and returns, in its argument order."""
+        role = self.roles[graph]
+        if self.cache is None or role.caches == ():
+            return ()
+        if role.caches is None:
+            return self.cache.tensors
+        by_name = {t.name: t for t in self.cache.tensors}
+        return tuple(by_name[name] for name in role.caches)
+
+    def graph_for(self, tokens: int | None = None) -> str:
+        """The graph that runs ``tokens`` tokens per row (None: any number) over every cache tensor (encoders:
+        none) and returns logits first; a graph of that fixed count is preferred over one of ``any``.
+        Raises ``KeyError`` naming what is missing."""
+        def serves(role: GraphRole, count) -> bool:
+            caches = role.caches is None if self.is_decoder else role.caches == ()
+            return caches and role.tokens == count and role.outputs[0] == "logits"
+        for count in ((tokens, "any") if tokens is not None else ("any",)):
+            for name, role in self.roles.items():
+                if serves(role, count):
+                    return name
+        raise KeyError(f"no graph of {self.info.architecture} runs {tokens or 'any number of'} tokens per row over the"
+                       f" whole cache (roles: {', '.join(f'{n}: {r}' for n, r in self.roles.items())})")
 
     def clone(self) -> "Program":
         """Copy graphs and metadata; weight and constant tensors are shared, not copied."""
@@ -138,6 +196,7 @@ class Program:
         return Program(
             info=self.info.model_copy(deep=True),
             graphs=graphs,
+            roles=dict(self.roles),
             cache=self.cache,
             applied=list(self.applied),
         )

@@ -31,13 +31,14 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 import inferpass.kernels  # noqa: F401  (registers the built-in ops saved graphs call)
-from inferpass.errors import ModelLoadError
+from inferpass.errors import ModelLoadError, VerificationError
 from inferpass.ir.artifact_trust import is_trusted, trust
 from inferpass.ir.graph_json import graph_from_json, graph_to_json, op_targets, parse_graph_json
-from inferpass.ir.graph_utils import fake_value, output_values, user_inputs
+from inferpass.ir.graph_utils import fake_value, user_inputs
 from inferpass.ir.op_providers import ensure_operators
 from inferpass.ir.output_folder import FORMAT_PREFIX, MANIFEST, atomic_directory
-from inferpass.ir.program import DECODER_INPUTS, CacheLayout, ModelInfo, Program
+from inferpass.ir.program import CacheLayout, GraphRole, ModelInfo, Program
+from inferpass.ir.verify import check_interface
 
 FORMAT = f"{FORMAT_PREFIX}2"
 WEIGHTS = "weights.safetensors"
@@ -50,6 +51,7 @@ class _GraphEntry(BaseModel):
     file: str
     sha256: str
     weights: dict[str, str]
+    role: GraphRole
 
 
 class _FileEntry(BaseModel):
@@ -142,7 +144,7 @@ def save_program(program: Program, out: str | Path, *, extra: dict[str, Any] | N
         for name, data in graph_files.items():
             (tmp / f"{name}.json").write_bytes(data)
             graphs_meta[name] = {"file": f"{name}.json", "sha256": _sha256(tmp / f"{name}.json"),
-                                 "weights": mappings[name]}
+                                 "weights": mappings[name], "role": program.roles[name].model_dump(mode="json")}
         save_file(stored, str(tmp / WEIGHTS))
         manifest = {
             "format": FORMAT,
@@ -246,40 +248,20 @@ def _check_weight_shapes(ep: ExportedProgram, name: str, folder: Path) -> None:
 
 
 def _check_metadata(program: Program, folder: Path) -> None:
-    """The manifest's vocabulary, labels, cache layout and ``max_len`` agree with the graphs."""
+    """The manifest's vocabulary, labels, roles, cache layout and ``max_len`` agree with the graphs."""
     where = folder / MANIFEST
-    info, layout = program.info, program.cache
-    needed = {"prefill", "decode"} if info.kind == "decoder" else {"forward"}
-    if not needed <= set(program.graphs):
-        raise ModelLoadError(f"{where}: a {info.kind} needs graphs {sorted(needed)}, the folder has {sorted(program.graphs)}")
-    width = info.vocab_size if info.kind == "decoder" else info.num_labels
-    for name, ep in program.graphs.items():
-        logits = fake_value(output_values(ep)[0])
-        if width is not None and (not isinstance(logits, torch.Tensor) or logits.shape[-1] != width):
-            raise ModelLoadError(f"{where}: says {width} {'vocabulary entries' if info.kind == 'decoder' else 'labels'}"
-                                 f" but graph '{name}' outputs {list(getattr(logits, 'shape', []))}")
-        if layout is None:
-            continue
-        inputs = user_inputs(ep)
-        caches = inputs[len(DECODER_INPUTS):]
-        if len(caches) != len(layout.tensors):
-            raise ModelLoadError(f"{where}: the cache layout has {len(layout.tensors)} tensors but graph '{name}' "
-                                 f"takes {len(caches)}")
-        for spec, node in zip(layout.tensors, caches):
-            val = fake_value(node)
-            if str(val.dtype).removeprefix("torch.") != spec.dtype or [str(d) for d in val.shape[1:]] != \
-                    [str(d) for d in spec.shape[1:]]:
-                raise ModelLoadError(f"{where}: cache tensor {spec.name} is {spec.dtype}{list(spec.shape)} in the "
-                                     f"manifest but {val.dtype}{list(val.shape)} in graph '{name}'")
-    if layout is not None:
-        seq = fake_value(user_inputs(program.graphs["prefill"])[0]).shape[1]
-        ranges = program.graphs["prefill"].range_constraints
+    try:
+        check_interface(program)
+    except VerificationError as exc:
+        raise ModelLoadError(f"{where}: the manifest contradicts the graphs: {exc}") from None
+    if program.cache is not None:
+        graph = program.graph_for()
+        seq = fake_value(user_inputs(program.graphs[graph])[0]).shape[1]
+        ranges = program.graphs[graph].range_constraints
         upper = ranges[seq.node.expr].upper if isinstance(seq, torch.SymInt) and seq.node.expr in ranges else seq
-        if int(upper) != layout.max_len:
-            raise ModelLoadError(f"{where}: says max_len {layout.max_len} but the prefill graph was captured for "
+        if int(upper) != program.cache.max_len:
+            raise ModelLoadError(f"{where}: says max_len {program.cache.max_len} but graph '{graph}' was captured for "
                                  f"{int(upper)} positions")
-    if layout is None and info.kind == "decoder":
-        raise ModelLoadError(f"{where}: a decoder needs a cache layout")
 
 
 def load_program(folder: str | Path, *, trust_artifacts: bool = False) -> Program:
@@ -305,7 +287,9 @@ def load_program(folder: str | Path, *, trust_artifacts: bool = False) -> Progra
     graphs = {name: _load_graph(folder, name, entry, stored) for name, entry in manifest.graphs.items()}
     for name, digest in manifest.artifacts.items():
         _checked_file(folder, name, digest)
-    program = Program(info=manifest.info, graphs=graphs, cache=manifest.cache, applied=manifest.applied, folder=folder)
+    roles = {name: entry.role for name, entry in manifest.graphs.items()}
+    program = Program(info=manifest.info, graphs=graphs, roles=roles, cache=manifest.cache, applied=manifest.applied,
+                      folder=folder)
     _check_metadata(program, folder)
     program.trusted_artifacts = bool(manifest.artifacts) and (trust_artifacts or is_trusted(_sha256(folder / MANIFEST)))
     if manifest.artifacts and not program.trusted_artifacts:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch.export import ExportedProgram
@@ -28,7 +29,7 @@ from inferpass.ir.graph_utils import (
     skip_aliases,
 )
 from inferpass.ir.ops import attention_targets
-from inferpass.ir.program import CacheLayout
+from inferpass.ir.program import CacheTensor, Program
 
 aten = torch.ops.aten
 _LAYER_INDEX = re.compile(r"(.+)\.(\d+)")
@@ -251,12 +252,21 @@ def _ancestor_ops(node: Node, stop: set[Node]) -> list[Node]:
     return [n for n in node.graph.nodes if n in found and n.op == "call_function"]
 
 
-def recover_structure(ep: ExportedProgram, hidden_size: int, cache: CacheLayout | None = None) -> ModelStructure:
+def graph_structure(program: Program, graph: str) -> ModelStructure:
+    """``recover_structure`` of one of ``program``'s graphs, with its cache outputs labelled per its role."""
+    role = program.roles[graph]
+    return recover_structure(program.graphs[graph], program.info.hidden_size, program.cache_tensors(graph),
+                             leading_outputs=len(role.outputs))
+
+
+def recover_structure(ep: ExportedProgram, hidden_size: int, cache: Sequence[CacheTensor] = (),
+                      leading_outputs: int = 1) -> ModelStructure:
     """Recover the model structure of ``ep``.
 
-    ``hidden_size`` is the residual-stream width; ``cache`` (decoder graphs) labels each
-    cache output with the block that writes it. Raises ``UnsupportedModelError`` naming
-    what was not recognized.
+    ``hidden_size`` is the residual-stream width; ``cache`` (decoder graphs: the cache tensors
+    the graph returns after its ``leading_outputs``, logits first) labels each cache output
+    with the block that writes it. Raises ``UnsupportedModelError`` naming what was not
+    recognized.
     """
     nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
     container, classes = _find_block_container(nodes)
@@ -286,9 +296,9 @@ def recover_structure(ep: ExportedProgram, hidden_size: int, cache: CacheLayout 
 
     outputs = output_values(ep)
     head = skip_aliases(outputs[0])
-    if cache is not None:
+    if cache:
         by_index = {b.index: b for b in blocks}
-        for spec, value in zip(cache.tensors, outputs[1:]):
+        for spec, value in zip(cache, outputs[leading_outputs:]):
             block = by_index.get(spec.layer)
             writer = skip_aliases(value)
             if block is None or writer not in set(block.nodes):

@@ -9,18 +9,22 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from inferpass.errors import InferpassError, VerificationError
 from inferpass.ir.graph_utils import fake_value, output_values, user_inputs
 from inferpass.ir.program import DECODER_INPUTS, Program
-from inferpass.ir.structure import ModelStructure, recover_structure
+from inferpass.ir.structure import ModelStructure, graph_structure
 
 
 def check_structure(program: Program) -> dict[str, ModelStructure]:
-    """Recover every graph's structure and check its block count against ``program.info.num_layers``."""
+    """Recover every graph's structure and check its blocks against its role's layers (all
+    ``program.info.num_layers`` when the role names none)."""
     structures = {}
-    for name, ep in program.graphs.items():
-        structure = recover_structure(ep, program.info.hidden_size, program.cache if program.is_decoder else None)
-        if len(structure.blocks) != program.info.num_layers:
+    for name in program.graphs:
+        structure = graph_structure(program, name)
+        layers = program.roles[name].layers
+        expected = list(range(program.info.num_layers)) if layers is None else sorted(layers)
+        found = [b.index for b in structure.blocks]
+        if len(found) != len(expected):
             raise VerificationError(
-                f"graph '{name}': {len(structure.blocks)} blocks recovered but the program declares "
-                f"{program.info.num_layers} layers"
+                f"graph '{name}': {len(found)} blocks recovered but its role runs {len(expected)} "
+                f"(layers {expected if layers is not None else f'0..{program.info.num_layers - 1}'})"
             )
         structures[name] = structure
     return structures
@@ -65,16 +69,31 @@ def _check_fake_metadata(name: str, ep) -> None:
             node.meta["val"] = old
 
 
-def _check_cache_io(name: str, ep, program: Program) -> None:
-    layout = program.cache
-    inputs, outputs = user_inputs(ep), output_values(ep)
-    fixed = len(DECODER_INPUTS)
-    if len(inputs) != fixed + len(layout.tensors) or len(outputs) != 1 + len(layout.tensors):
+def _check_io(name: str, ep, program: Program) -> None:
+    """The graph's inputs and outputs are what its role and the program's metadata say: logits as wide as the
+    vocabulary (labels for encoders), and (decoders) its tokens per row and cache tensors."""
+    role = program.roles[name]
+    outputs = output_values(ep)
+    width = program.info.vocab_size if program.is_decoder else program.info.num_labels
+    logits = fake_value(outputs[0])
+    if role.outputs[0] == "logits" and width is not None and (
+            not isinstance(logits, torch.Tensor) or logits.shape[-1] != width):
+        raise VerificationError(f"graph '{name}': returns logits {list(getattr(logits, 'shape', []))}, the program "
+                                f"says {width} {'vocabulary entries' if program.is_decoder else 'labels'}")
+    if not program.is_decoder:
+        return
+    tensors = program.cache_tensors(name)
+    inputs = user_inputs(ep)
+    fixed, leading = len(DECODER_INPUTS), len(role.outputs)
+    if len(inputs) != fixed + len(tensors) or len(outputs) != leading + len(tensors):
         raise VerificationError(
-            f"graph '{name}': {len(inputs)} inputs / {len(outputs)} outputs do not match the cache layout "
-            f"({len(layout.tensors)} cache tensors + {fixed} inputs, logits + cache outputs)"
+            f"graph '{name}': {len(inputs)} inputs / {len(outputs)} outputs do not match its role "
+            f"({fixed} inputs + {len(tensors)} cache tensors, {', '.join(role.outputs)} + cache outputs)"
         )
-    for spec, placeholder, out in zip(layout.tensors, inputs[fixed:], outputs[1:]):
+    tokens = fake_value(inputs[0]).shape[1]
+    if role.tokens != "any" and str(tokens) != str(role.tokens):
+        raise VerificationError(f"graph '{name}': takes {tokens} tokens per row, its role says {role.tokens}")
+    for spec, placeholder, out in zip(tensors, inputs[fixed:], outputs[leading:]):
         for what, node in (("input", placeholder), ("output", out)):
             val = fake_value(node)
             if not isinstance(val, torch.Tensor):
@@ -88,12 +107,33 @@ def _check_cache_io(name: str, ep, program: Program) -> None:
                 )
 
 
+def check_interface(program: Program) -> None:
+    """The metadata the runtime relies on agrees with the graphs: a cache layout exactly for decoders, roles
+    naming the layout's tensors in order, a graph for any number of tokens, and every graph's inputs and
+    outputs as its role says (``_check_io``). Cheap: reads the graphs' recorded metadata only."""
+    if (program.cache is None) == program.is_decoder:
+        raise VerificationError(f"a {program.info.kind} program {'needs' if program.is_decoder else 'has no'} "
+                                "cache layout")
+    names = [t.name for t in program.cache.tensors] if program.cache else []
+    for name, role in program.roles.items():
+        if role.caches and list(role.caches) != [n for n in names if n in role.caches]:
+            raise VerificationError(f"graph '{name}': its role's caches {list(role.caches)} are not tensors of the "
+                                    f"cache layout in layout order ({names})")
+    try:
+        program.graph_for()
+    except KeyError as exc:
+        raise VerificationError(str(exc.args[0])) from None
+    for name, ep in program.graphs.items():
+        _check_io(name, ep, program)
+
+
 def verify_program(program: Program) -> None:
     """Raise ``VerificationError`` naming the graph and node when ``program`` is malformed.
 
     Checks: graph lint, export signature vs graph, every node's fake-tensor metadata
-    (present and reproduced by re-propagation), cache inputs/outputs vs the cache
-    layout (decoders), and that the structure map is still recoverable.
+    (present and reproduced by re-propagation), ``check_interface`` (roles, logits, tokens,
+    cache inputs/outputs vs the layout), and that the structure map is still recoverable
+    (each graph's blocks are its role's layers).
     """
     for name, ep in program.graphs.items():
         try:
@@ -102,8 +142,7 @@ def verify_program(program: Program) -> None:
         except Exception as exc:
             raise VerificationError(f"graph '{name}': {type(exc).__name__}: {exc}") from exc
         _check_fake_metadata(name, ep)
-        if program.is_decoder:
-            _check_cache_io(name, ep, program)
+    check_interface(program)
     try:
         check_structure(program)
     except VerificationError:

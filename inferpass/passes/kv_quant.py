@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import operator
 
-import torch
 from pydantic import Field, model_validator
 
 from inferpass.errors import UnsupportedModelError
-from inferpass.ir.graph_utils import fake_value, refresh, set_user_io, user_inputs
-from inferpass.ir.program import BATCH, DECODER_INPUTS, CacheLayout, CacheTensor, Program
-from inferpass.ir.structure import recover_structure
+from inferpass.ir.cache_io import open_cache_io
+from inferpass.ir.graph_utils import fake_value
+from inferpass.ir.program import BATCH, CacheLayout, CacheTensor, Program
+from inferpass.ir.structure import graph_structure
 from inferpass.kernels.decode_plan import cached_plan, planning_workers
 from inferpass.kernels.kv_quant_op import KV_QUANT_APPEND, KV_QUANT_ATTENTION
 from inferpass.kernels.quantized_cache import STATS_DTYPE, KVQuantSpec, fused_kernel_supports
@@ -143,60 +143,39 @@ class KVQuant(Pass):
                         str(STATS_DTYPE).removeprefix("torch.") if field in _STAT_FIELDS else t.dtype)
                     tensors.append(CacheTensor(name=f"{field}{t.layer}", layer=t.layer, role=field,
                                                shape=(BATCH, *shape), dtype=dtype))
-        return CacheLayout(max_len=cache.max_len, tensors=tuple(tensors))
+        # codes already flushed are never rewritten, so neither padding nor a shorter length may be written over
+        return CacheLayout(max_len=cache.max_len, tensors=tuple(tensors), accepts_padding=False,
+                           supports_rollback=False)
 
     def _rewrite(self, program: Program, graph: str, layers: set[int], layout: CacheLayout):
         ep = program.graphs[graph]
-        structure = recover_structure(ep, program.info.hidden_size, program.cache)
-        inputs = user_inputs(ep)
-        start = inputs[1]
-        placeholders = dict(zip((t.name for t in program.cache.tensors), inputs[len(DECODER_INPUTS):]))
+        structure = graph_structure(program, graph)
+        io = open_cache_io(program, graph)
         output = next(n for n in reversed(ep.graph.nodes) if n.op == "output")
-        outputs = list(output.args[0])
-        old_outputs = dict(zip((t.name for t in program.cache.tensors), outputs[1:]))
-        new_outputs, new_inputs = {}, {}
         for block in structure.blocks:
             if block.index not in layers:
                 continue
-            site = cache_attention(program, block, start, f"{graph} graph, block {block.index} ({block.scope})")
+            site = cache_attention(program, block, io.start, f"{graph} graph, block {block.index} ({block.scope})")
             fields = [t for t in layout.tensors if t.layer == block.index]
-            anchor = site.caches["k"]
-            batch = fake_value(anchor).shape[0]
-            cache_nodes = []
-            for t in fields:
-                with ep.graph.inserting_before(anchor):
-                    node = ep.graph.placeholder(t.name)
-                with fake_value(anchor).fake_mode:
-                    node.meta["val"] = torch.empty((batch, *t.shape[1:]), dtype=t.torch_dtype())
-                cache_nodes.append(node)
-            new_inputs[block.index] = cache_nodes[0]
+            cache_nodes = [io.add_input(t) for t in fields]
             kv = fake_value(site.new["k"]).shape
             spec = self.config.spec(block.index, kv[1], kv[3])
             params = (spec.bits, spec.group, spec.residual, spec.sink, spec.value_group_size(kv[1], kv[3]))
             splits = op_count(self.config.splits)
             out = insert_like(site.attention, KV_QUANT_ATTENTION.overload,
-                              (site.query, site.new["k"], site.new["v"], start, cache_nodes, site.scale, *params,
+                              (site.query, site.new["k"], site.new["v"], io.start, cache_nodes, site.scale, *params,
                                splits))
             site.attention.replace_all_uses_with(out)
             ep.graph.erase_node(site.attention)
             written = insert_like(output, KV_QUANT_APPEND.overload,
-                                  (site.new["k"], site.new["v"], start, cache_nodes, *params))
+                                  (site.new["k"], site.new["v"], io.start, cache_nodes, *params))
             written.meta.update({k: out.meta[k] for k in ("nn_module_stack",) if k in out.meta})
             for i, t in enumerate(fields):
                 item = insert_like(output, operator.getitem, (written, i))
                 item.meta.update({k: out.meta[k] for k in ("nn_module_stack",) if k in out.meta})
-                new_outputs[t.name] = item
-        by_layer_out = [new_outputs.get(t.name) or old_outputs[t.name] for t in layout.tensors]
-        output.args = ((outputs[0], *by_layer_out),)
-        ep.graph.eliminate_dead_code()
-        for t in program.cache.tensors:
-            node = placeholders[t.name]
-            if t.layer not in layers:
-                continue
-            for user in list(node.users):  # e.g. the batch size read off this cache: read it off the new one
-                if user.target is not torch.ops.aten.sym_size.int or user.args[1] != 0:
-                    raise UnsupportedModelError(f"{graph} graph: cache {t.name} is still read by {user.format_node()}")
-                user.replace_input_with(node, new_inputs[t.layer])
-            ep.graph.erase_node(node)
-        return refresh(set_user_io(ep))
-
+                io.write(t.name, item)
+        graph_layers = {t.layer for t in program.cache_tensors(graph)}
+        tensors = [t for t in layout.tensors if t.layer in graph_layers]
+        if program.roles[graph].caches is not None:
+            program.roles[graph] = program.roles[graph].model_copy(update={"caches": tuple(t.name for t in tensors)})
+        return io.close(tensors)

@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 from inferpass.errors import UnsupportedModelError
 from inferpass.ir.graph_utils import refresh, user_inputs
 from inferpass.ir.program import Program
-from inferpass.ir.structure import recover_structure
+from inferpass.ir.structure import graph_structure
 from inferpass.kernels.decode_plan import cached_plan, planning_workers
 from inferpass.kernels.split_kv_op import SPLIT_KV_ATTENTION
 from inferpass.passes.base import AutoOrPositive, Pass, PassConfig, PassResult, op_count, register_pass
@@ -76,7 +76,7 @@ class LeanAttention(Pass):
 
     def _rewrite(self, program: Program, graph: str) -> int:
         ep = program.graphs[graph]
-        structure = recover_structure(ep, program.info.hidden_size, program.cache)
+        structure = graph_structure(program, graph)
         start = user_inputs(ep)[1]
         count = 0
         for block in structure.blocks:

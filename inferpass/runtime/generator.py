@@ -108,7 +108,7 @@ class Generator:
             rows = torch.nonzero(lengths == length).flatten()
             whole = len(rows) == len(prompts)  # one length for all: no gather/scatter copies of the cache
             start = cache.lengths[rows]
-            graph = "decode" if length == 1 else "prefill"
+            graph = self.program.graph_for(length)
             out, *written = self.executable.run(graph, ids[rows, :length], start,
                                                 *(cache.tensors if whole else cache.rows(rows)))
             if whole:
@@ -125,7 +125,7 @@ class Generator:
         """Feed one token per row; return logits ``[B, V]`` (on the host)."""
         one = torch.ones(cache.batch, dtype=torch.long)
         start = cache.reserve(one)
-        logits, *written = self.executable.run("decode", tokens.view(-1, 1), start, *cache.tensors)
+        logits, *written = self.executable.run(self.program.graph_for(1), tokens.view(-1, 1), start, *cache.tensors)
         cache.advance(tuple(written), one)
         return logits[:, -1].cpu()
 

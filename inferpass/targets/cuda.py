@@ -91,7 +91,7 @@ class CudaExecutable(ShapeSpecializedExecutable):
         self.compile_seconds = 0.0
 
     def specialize(self, graph: str, inputs: tuple[torch.Tensor, ...], shapes: tuple) -> Function:
-        caches = len(self.program.cache.tensors) if graph in ("prefill", "decode") else 0
+        caches = len(self.program.cache_tensors(graph))
         weights = self.weights[graph]
         t0 = time.perf_counter()
         try:
@@ -111,7 +111,7 @@ class CudaExecutable(ShapeSpecializedExecutable):
             with torch.no_grad():
                 return (*compiled(*weights, *args), *args[len(args) - caches :])
 
-        if graph == "decode" and self.device.type == "cuda":
+        if self.program.is_decoder and self.program.roles[graph].tokens != "any" and self.device.type == "cuda":
             return GraphedDecode(step, caches)
         return step
 

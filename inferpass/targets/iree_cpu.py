@@ -30,7 +30,6 @@ from inferpass.targets.base import register_target
 from inferpass.targets.static_shapes import (Function, StaticShapeExecutable, StaticShapeTarget, lifted_inputs,
                                               static_export)
 
-SYNC_GRAPHS = {"decode"}  # one token per row: run inline (``local-sync``); other graphs use a task pool
 FLAGS = ("--iree-llvmcpu-target-cpu=host",)
 _NUMPY_DTYPES = {torch.float32, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.int8,
                  torch.bool}
@@ -112,7 +111,8 @@ class CpuExecutable(StaticShapeExecutable):
         configs = {}  # driver -> (runtime config, weights on its device by tensor id)
         self.weights, self.configs = {}, {}
         for name, ep in program.graphs.items():
-            driver = "local-sync" if name in SYNC_GRAPHS else "local-task"
+            # one token per row (a decode step): run inline; other graphs use a task pool
+            driver = "local-sync" if program.roles[name].tokens == 1 else "local-task"
             if driver not in configs:
                 if driver == "local-task":
                     ireert.flags.parse_flags(f"--task_topology_max_group_count={torch.get_num_threads()}")

@@ -107,11 +107,12 @@ class ShapeSpecializedExecutable(Executable):
 
     def run(self, graph: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = tuple(t.to(self.device) for t in inputs)
-        if graph == "prefill":
-            return self._prefill(*inputs)
+        if self.program.is_decoder and self.program.roles[graph].tokens == "any":
+            return self._prefill(graph, *inputs)
         return self._call(graph, inputs)
 
-    def _prefill(self, ids: torch.Tensor, start: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _prefill(self, graph: str, ids: torch.Tensor, start: torch.Tensor,
+                 *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         layout = self.program.cache
         room = layout.max_len - int(start.max())
         pieces = prefill_pieces(ids.shape[1], room, layout.max_len, layout.accepts_padding)
@@ -120,7 +121,7 @@ class ShapeSpecializedExecutable(Executable):
             piece = ids[:, first : first + tokens]
             if bucket > tokens:
                 piece = torch.nn.functional.pad(piece, (0, bucket - tokens))
-            out, *caches = self._call("prefill", (piece, start + first, *caches))
+            out, *caches = self._call(graph, (piece, start + first, *caches))
             logits.append(out[:, :tokens])
             first += tokens
         return (torch.cat(logits, dim=1) if len(logits) > 1 else logits[0], *caches)
