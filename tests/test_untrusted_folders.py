@@ -21,7 +21,7 @@ from factories import tiny_decoder
 
 from inferpass.capture import capture
 from inferpass.errors import ModelLoadError
-from inferpass.ir.program import ModelInfo, Program
+from inferpass.ir.program import ENCODER, ModelInfo, Program
 from inferpass.ir.serialize import _sha256, load_program, manifest_checksum, save_program
 from inferpass.targets import get_target
 
@@ -267,7 +267,7 @@ def test_op_providers_load_only_through_installed_entry_points(tmp_path):
 
     ep = torch.export.export(Model(), (torch.ones(1, 4),))
     info = ModelInfo(kind="encoder", family="custom", architecture="Model", num_layers=1, hidden_size=4, num_labels=4)
-    out = save_program(Program(info=info, graphs={"forward": ep}), tmp_path / "m")
+    out = save_program(Program(info=info, graphs={"forward": ep}, roles={"forward": ENCODER}), tmp_path / "m")
     marker.unlink()
     run = lambda: subprocess.run([sys.executable, "-c", LOAD, str(out)], capture_output=True, text=True,  # noqa: E731
                                  env={**os.environ, "PYTHONPATH": str(site)}, timeout=300)
