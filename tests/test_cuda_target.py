@@ -18,7 +18,7 @@ from torch._inductor.utils import run_and_get_code
 
 from factories import decoder_configs, tiny_decoder
 from inferpass.capture import capture
-from inferpass.cli import DEFAULT_PIPELINES
+from inferpass.defaults import DEFAULT_PIPELINES
 from inferpass.errors import TargetError
 from inferpass.kernels import cuda_kernels  # noqa: F401  (registers the ops' CUDA kernels)
 from inferpass.kernels.kv_quant_op import KV_QUANT_ATTENTION
@@ -33,7 +33,7 @@ from inferpass.targets.in_place_step import in_place_step
 from inferpass.targets.static_shapes import lifted_inputs
 from test_kv_quant_kernels import problems
 from test_split_kv_attention import decode_problems
-from test_targets import _trace
+from traces import assert_within_quantization_error, trace
 
 LOWERED_PIPELINES = ["", "lean-attention", "kv-quant{bits=4, group=16, residual=16, sink=2}",
                      "lean-attention{schedule=stream-k}, kv-quant{bits=2, group=16, residual=8, layers=[0]}"]
@@ -146,7 +146,7 @@ def test_inductor_compiled_steps_equal_eager(compiled_on_cpu, pipeline):
     program = PassManager(Pipeline.parse(pipeline)).run(captured).program
     prompts = [list(range(3, 40)), list(range(9, 30))]  # 37 and 21 tokens: prefill buckets 64 and 32
     executable = compiled_on_cpu.compile(program)
-    torch.testing.assert_close(_trace(executable, prompts), _trace(get_target("eager").compile(program), prompts),
+    torch.testing.assert_close(trace(executable, prompts), trace(get_target("eager").compile(program), prompts),
                                atol=5e-5, rtol=1e-4)
     assert executable.compiled == 3  # two prefill buckets and the decode step
 
@@ -154,11 +154,9 @@ def test_inductor_compiled_steps_equal_eager(compiled_on_cpu, pipeline):
 def test_quantized_cache_stays_within_the_quantization_error(compiled_on_cpu):
     program = capture(tiny_decoder("llama", layers=2, head_dim=16, context=64), max_len=64)
     quantized = PassManager(Pipeline.parse(QUANTIZED)).run(program.clone()).program
-    prompts = [list(range(3, 40)), list(range(9, 30))]
-    reference = _trace(get_target("eager").compile(program), prompts)
-    quantization_error = (_trace(get_target("eager").compile(quantized), prompts) - reference).abs().max()
-    got = _trace(compiled_on_cpu.compile(quantized), prompts)
-    assert (got - reference).abs().max() <= 2 * quantization_error + 1e-5
+    prompts = [list(range(3, 35)), list(range(9, 25))]  # 32 and 16 tokens: one exact prefill piece each
+    assert_within_quantization_error(trace(compiled_on_cpu.compile(quantized), prompts), trace(quantized, prompts),
+                                     trace(program, prompts))
 
 
 def test_compiled_decode_writes_only_new_slots(compiled_on_cpu, lm_program):
@@ -193,10 +191,10 @@ def test_without_a_gpu_the_target_names_itself():
 def test_cuda_target_equals_eager_with_decode_under_cuda_graphs(lm_program, heldout, pipeline):
     program = PassManager(Pipeline.parse(pipeline)).run(lm_program.clone()).program
     prompts = [list(heldout[:100]), list(heldout[500:537])]
-    want = _trace(get_target("eager").compile(program), prompts)
+    want = trace(get_target("eager").compile(program), prompts)
     executable = get_target("cuda").compile(program)
-    got = _trace(executable, prompts)
-    tolerance = 1e-3 if "kv-quant" not in pipeline else float((want - _trace(
+    got = trace(executable, prompts)
+    tolerance = 1e-3 if "kv-quant" not in pipeline else float((want - trace(
         get_target("eager").compile(lm_program), prompts)).abs().max()) * 2 + 1e-3
     assert (got - want).abs().max() <= tolerance
     decode = [fn for (graph, _), fn in executable.functions.items() if graph == "decode"]

@@ -4,31 +4,18 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from factories import decoder_configs, tiny_decoder
+from traces import trace
 from inferpass.capture import capture
 from inferpass.eval.quality import program_bits_per_byte
 from inferpass.ir.program import CacheLayout, CacheTensor
 from inferpass.ir.serialize import load_program, save_program
 from inferpass.kernels.kv_quant_op import KV_QUANT_ATTENTION
 from inferpass.passes import PassManager, Pipeline
-from inferpass.runtime.generator import Generator
 from inferpass.targets import get_target
 
 
 def _quantize(program, text):
     return PassManager(Pipeline.parse(text)).run(program.clone())
-
-
-def _decode_logits(program, prompts, steps):
-    """Logits after the prompt and after each of ``steps`` greedy-fed tokens (fed the same tokens)."""
-    gen = Generator(get_target("eager").compile(program))
-    logits, cache, lengths = gen.prefill(prompts)
-    rows = torch.arange(len(prompts))
-    out = [logits[rows, lengths - 1]]
-    token = out[-1].argmax(-1)
-    for i in range(steps):
-        out.append(gen.decode(cache, token))
-        token = torch.tensor([(7 * i + r) % program.info.vocab_size for r in range(len(prompts))])
-    return torch.stack(out)
 
 
 @given(config=decoder_configs(family="llama"), data=st.data())
@@ -44,7 +31,7 @@ def test_exact_while_the_window_holds_the_whole_sequence(config, data):
     vocab = program.info.vocab_size
     prompts = [data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=4)) for _ in range(2)]
     steps = 11 - max(len(p) for p in prompts)  # total length <= R + G - 1 = 11: nothing is quantized yet
-    torch.testing.assert_close(_decode_logits(quantized, prompts, steps), _decode_logits(program, prompts, steps),
+    torch.testing.assert_close(trace(quantized, prompts, steps), trace(program, prompts, steps),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -61,17 +48,17 @@ def test_sinks_extend_the_exact_span_and_value_groups_may_span_heads(config, dat
     vocab = program.info.vocab_size
     prompts = [data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=6)) for _ in range(2)]
     steps = 13 - max(len(p) for p in prompts)  # total length <= sink + R + G - 1 = 13: nothing is quantized yet
-    torch.testing.assert_close(_decode_logits(quantized.program, prompts, steps),
-                               _decode_logits(program, prompts, steps), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trace(quantized.program, prompts, steps),
+                               trace(program, prompts, steps), atol=1e-5, rtol=1e-5)
 
 
 def test_error_shrinks_with_bits_on_long_sequences():
     program = capture(tiny_decoder("qwen2", layers=2, head_dim=16, vocab=96, context=128, seed=3), max_len=96)
     prompts = [list(range(5, 45)), list(range(20, 70))]
-    want = _decode_logits(program, prompts, 20)
+    want = trace(program, prompts, 20)
     errors = []
     for bits in (2, 4, 8):
-        got = _decode_logits(_quantize(program, f"kv-quant{{bits={bits}, group=8, residual=8}}").program, prompts, 20)
+        got = trace(_quantize(program, f"kv-quant{{bits={bits}, group=8, residual=8}}").program, prompts, 20)
         errors.append((got - want).abs().max().item())
     assert errors[0] > errors[1] > errors[2] > 0 and errors[2] < 0.05
 
@@ -88,7 +75,7 @@ def test_layout_per_layer_bits_save_load_and_identity(tmp_path):
     save_program(run.program, tmp_path / "q")
     loaded = load_program(tmp_path / "q")
     prompts = [list(range(30)), list(range(3, 20))]
-    assert torch.equal(_decode_logits(loaded, prompts, 12), _decode_logits(run.program, prompts, 12))
+    assert torch.equal(trace(loaded, prompts, 12), trace(run.program, prompts, 12))
     partial = _quantize(program, "kv-quant{layers=[1]}").program
     assert [t.name for t in partial.cache.tensors][:2] == ["k0", "v0"]
 
@@ -100,8 +87,8 @@ def test_composes_with_lean_attention_in_either_order():
     assert [r.spec.split("{")[0] for r in first.records] == ["kv-quant", "lean-attention"]
     reordered = _quantize(program, "lean-attention,kv-quant{group=8, residual=8}")
     assert [r.spec.split("{")[0] for r in reordered.records] == ["kv-quant", "lean-attention"]
-    want = _decode_logits(_quantize(program, "kv-quant{group=8, residual=8}").program, prompts, 6)
-    torch.testing.assert_close(_decode_logits(first.program, prompts, 6), want)
+    want = trace(_quantize(program, "kv-quant{group=8, residual=8}").program, prompts, 6)
+    torch.testing.assert_close(trace(first.program, prompts, 6), want)
 
 
 def test_default_lm_quality_cost_by_bits(lm_program, heldout):

@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from factories import decoder_configs, tiny_decoder
+from traces import trace
 from inferpass.capture import capture
 from inferpass.eval.report import prompts_from_text
 from inferpass.ir.serialize import load_program, save_program
@@ -23,18 +24,6 @@ def _count(program, graph, target):
     return sum(n.target is target for n in program.graphs[graph].graph.nodes)
 
 
-def _step_logits(program, prompts, steps):
-    """Prefill logits, then logits of ``steps`` decode steps fed the baseline's greedy tokens."""
-    gen = Generator(get_target("eager").compile(program))
-    logits, cache, lengths = gen.prefill(prompts)
-    rows = torch.arange(len(prompts))
-    out, token = [logits[rows, lengths - 1]], logits[rows, lengths - 1].argmax(-1)
-    for _ in range(steps):
-        out.append(gen.decode(cache, token))
-        token = out[-1].argmax(-1)
-    return out
-
-
 @given(config=decoder_configs(), data=st.data())
 @settings(max_examples=8)
 def test_random_decoders_keep_their_logits_and_greedy_tokens(config, data):
@@ -48,7 +37,7 @@ def test_random_decoders_keep_their_logits_and_greedy_tokens(config, data):
     assert _count(optimized, "prefill", aten.scaled_dot_product_attention.default) == layers  # decode only
     vocab = program.info.vocab_size
     prompts = [data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=9)) for _ in range(data.draw(st.integers(1, 3)))]
-    for want, got in zip(_step_logits(program, prompts, 6), _step_logits(optimized, prompts, 6)):
+    for want, got in zip(trace(program, prompts, 6, feed="greedy"), trace(optimized, prompts, 6, feed="greedy")):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     base = Generator(get_target("eager").compile(program)).generate(prompts, 8).tokens
     assert Generator(get_target("eager").compile(optimized)).generate(prompts, 8).tokens == base
@@ -57,7 +46,7 @@ def test_random_decoders_keep_their_logits_and_greedy_tokens(config, data):
 def test_default_lm_generation_is_identical(lm_program, heldout):
     optimized = _optimize(lm_program, "lean-attention").program
     prompts = prompts_from_text(heldout, count=4, length=48)
-    for want, got in zip(_step_logits(lm_program, prompts, 8), _step_logits(optimized, prompts, 8)):
+    for want, got in zip(trace(lm_program, prompts, 8, feed="greedy"), trace(optimized, prompts, 8, feed="greedy")):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     base = Generator(get_target("eager").compile(lm_program)).generate(prompts, 16).tokens
     assert Generator(get_target("eager").compile(optimized)).generate(prompts, 16).tokens == base
@@ -81,5 +70,5 @@ def test_rewritten_program_saves_loads_and_runs(tmp_path):
     loaded = load_program(tmp_path / "out")
     assert _count(loaded, "decode", SPLIT_KV_ATTENTION.overload) == 1
     prompts = [[1, 2, 3], [4]]
-    for want, got in zip(_step_logits(optimized, prompts, 3), _step_logits(loaded, prompts, 3)):
+    for want, got in zip(trace(optimized, prompts, 3, feed="greedy"), trace(loaded, prompts, 3, feed="greedy")):
         assert torch.equal(want, got)

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from factories import decoder_configs, tiny_decoder, tiny_vit
+from traces import assert_within_quantization_error, trace
 from inferpass.capture import capture
 from inferpass.defaults import DEFAULT_PIPELINES, MODELS
 from inferpass.errors import TargetError
@@ -29,17 +30,6 @@ EXACT_PIPELINES = ["", "dce,cse,drop-unused-params", "lean-attention"]
 TARGETS = {"cpu": CpuTarget, "inductor": InductorTarget}
 
 
-def _trace(executable, prompts, steps=8):
-    """Logits of the prompts' last tokens and of ``steps`` decode steps fed fixed tokens."""
-    gen = Generator(executable)
-    logits, cache, lengths = gen.prefill(prompts)
-    out = [logits[torch.arange(len(prompts)), lengths - 1]]
-    for i in range(steps):
-        tokens = torch.tensor([(5 * i + 3 * r) % executable.program.info.vocab_size for r in range(len(prompts))])
-        out.append(gen.decode(cache, tokens))
-    return torch.stack(out)
-
-
 @pytest.fixture(scope="module", params=["cpu", "inductor"])
 def target(request, tmp_path_factory):
     """Each ahead-of-time target, with an on-disk artifact cache of its own for this module."""
@@ -52,26 +42,24 @@ def test_exact_pipelines_equal_eager(target, config, pipeline, data):
     program = PassManager(Pipeline.parse(pipeline)).run(capture(tiny_decoder(**config), max_len=48)).program
     vocab = program.info.vocab_size
     prompts = [data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=20)) for _ in range(2)]
-    want = _trace(get_target("eager").compile(program), prompts)
-    torch.testing.assert_close(_trace(target.compile(program), prompts), want, atol=5e-5, rtol=1e-4)
+    want = trace(get_target("eager").compile(program), prompts)
+    torch.testing.assert_close(trace(target.compile(program), prompts), want, atol=5e-5, rtol=1e-4)
 
 
 def test_kv_quant_stays_within_the_quantization_error(target):
     program = capture(tiny_decoder("llama", layers=2, head_dim=16, context=64), max_len=64)
     quantized = PassManager(Pipeline.parse("kv-quant{bits=4, group=8, residual=8}")).run(program.clone()).program
-    prompts = [list(range(3, 40)), list(range(9, 30))]
-    reference = _trace(get_target("eager").compile(program), prompts)
-    quantization_error = (_trace(get_target("eager").compile(quantized), prompts) - reference).abs().max()
-    got = _trace(target.compile(quantized), prompts)
-    assert (got - reference).abs().max() <= 2 * quantization_error + 1e-5
+    prompts = [list(range(3, 35)), list(range(9, 25))]  # 32 and 16 tokens: one exact prefill piece each
+    assert_within_quantization_error(trace(target.compile(quantized), prompts), trace(quantized, prompts),
+                                     trace(program, prompts))
 
 
 def test_default_lm_with_the_default_preset_equals_eager(target, lm_program, heldout):
     program = PassManager(Pipeline.parse(DEFAULT_PIPELINES["decoder"])).run(lm_program.clone()).program
     prompts = [list(heldout[:100]), list(heldout[500:537])]  # 100 and 37 tokens: padded to buckets 128 and 64
-    want = _trace(get_target("eager").compile(program), prompts)
+    want = trace(get_target("eager").compile(program), prompts)
     executable = target.compile(program)
-    torch.testing.assert_close(_trace(executable, prompts), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(trace(executable, prompts), want, atol=1e-4, rtol=1e-4)
     assert executable.compiled + executable.loaded == 3  # decode + two prefill buckets, one function each
 
 
