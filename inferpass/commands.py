@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from inferpass import progress
-from inferpass.capture import GRAPHS_BY_KIND, capture, inspect_model_dir
+from inferpass.capture import capture, inspect_model_dir
 from inferpass.capture.decoder import check_max_len
 from inferpass.capture.hf_loader import ModelDir
 from inferpass.defaults import DEFAULT_MODEL, DEFAULT_PIPELINES, HELDOUT_TEXT
@@ -178,7 +178,7 @@ def load_pipeline(text: str | None, model: ModelDir) -> Pipeline:
     if not len(pipeline):
         raise PipelineError(f"--pipeline {text!r} names no passes and would run nothing; omit --pipeline for the "
                             f"default preset ({DEFAULT_PIPELINES[model.kind]!r} for a {model.kind})")
-    pipeline.check_graphs(GRAPHS_BY_KIND[model.kind], f"the {model.kind} {model.root}")
+    pipeline.check_model(model.kind, model.config.get("vocab_size"), f"the {model.kind} {model.root}")
     return pipeline
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from inferpass.errors import PipelineError
+from inferpass.errors import PipelineError, UnsupportedModelError
 from inferpass.passes import Pass, PassConfig, PassResult, Pipeline, register_pass
 
 
@@ -109,9 +109,12 @@ def test_repeated_passes_and_empty_values_are_refused_at_parse_time(text, messag
         Pipeline.parse(text)
 
 
-def test_graph_names_are_checked_without_a_program():
-    pipe = Pipeline.parse("cse{graphs=[decode]},dce")
-    pipe.check_graphs(("prefill", "decode"), "a decoder")
-    with pytest.raises(PipelineError, match=r"pass 'cse\{graphs=\[decode\]\}': no graph 'decode' in an encoder "
-                                            r"\(its graphs: forward\)"):
-        pipe.check_graphs(("forward",), "an encoder")
+def test_graph_names_and_requirements_are_checked_without_a_program():
+    pipe = Pipeline.parse("cse{graphs=[decode, steps]},dce")
+    pipe.check_model("decoder", 64, "a decoder")
+    with pytest.raises(PipelineError, match=r"pass 'cse\{graphs=\[decode,steps\]\}': no graph 'decode', 'steps' in "
+                                            r"an encoder \(its graphs: forward\)"):
+        pipe.check_model("encoder", 64, "an encoder")
+    with pytest.raises(UnsupportedModelError, match="pass 'kv-quant' needs a decoder with a KV cache; an encoder is "
+                                                    "an encoder with vocabulary 30"):
+        Pipeline.parse("kv-quant").check_model("encoder", 30, "an encoder")

@@ -14,9 +14,7 @@ from inferpass.capture.hf_loader import inspect_model_dir, load_hf_model, model_
 from inferpass.errors import UnsupportedModelError
 from inferpass.ir.program import Program
 
-__all__ = ["GRAPHS_BY_KIND", "capture", "inspect_model_dir", "load_hf_model"]
-
-GRAPHS_BY_KIND = {"decoder": ("prefill", "decode"), "encoder": ("forward",)}  # the graphs capture gives each kind
+__all__ = ["capture", "inspect_model_dir", "load_hf_model"]
 
 
 def capture(source: str | Path | nn.Module, *, max_len: int | None = None) -> Program:

@@ -1,4 +1,15 @@
-"""``Pass``: a named, configured Program -> Program rewrite, exact or approximate, with ordering constraints."""
+"""``Pass``: a named, configured Program -> Program rewrite, exact or approximate, with ordering constraints.
+
+The contract. A pass declares what it ``requires`` of a model (``decoder``, ``encoder``,
+``byte-level``; the manager checks before cloning, and the CLI before capture) and selects
+what it rewrites the same way as every other pass: graphs by role or name
+(``GraphSelection``: None = all, [] = identity) and blocks (``LayerSelection``). It receives a
+clone it owns and may change: its graphs (edit, add or drop them, declaring each one's
+``GraphRole``), the cache layout (through ``ir.cache_io``, setting the layout's capabilities),
+and the block count in ``ModelInfo`` when it removes blocks. It may not change ``applied``
+(the manager records the pass), ``folder`` or ``trusted_artifacts``, nor modify weight tensors
+in place (they are shared with the input program): it replaces a weight by a new tensor.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
-from inferpass.errors import PipelineError
+from inferpass.errors import PipelineError, UnsupportedModelError
 from inferpass.ir.program import Program
 
 
@@ -33,6 +44,74 @@ class PassConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Graph selectors by role: each names the graphs whose role matches (captured programs name their graphs alike).
+ROLE_SELECTORS = {
+    "prefill": lambda role: role.caches != () and role.tokens == "any",
+    "decode": lambda role: role.tokens == 1,
+    "steps": lambda role: role.tokens != "any",
+    "forward": lambda role: role.caches == (),
+}
+SELECTORS_BY_KIND = {"decoder": ("prefill", "decode", "steps"), "encoder": ("forward",)}
+
+
+class GraphSelection(PassConfig):
+    """``graphs``: which graphs to rewrite, by role (``prefill``: any tokens over the cache, ``decode``: one
+    token, ``steps``: a fixed token count, ``forward``: an encoder's) or by name; None = all, [] = identity."""
+
+    graphs: list[str] | None = None
+
+
+class LayerSelection(PassConfig):
+    """``layers``: which blocks to rewrite, by index; None = all, [] = identity."""
+
+    layers: list[int] | None = None
+
+
+def select_graphs(program: Program, graphs: list[str] | None, pass_name: str) -> list[str]:
+    """The names of ``program``'s graphs that ``graphs`` selects (see ``GraphSelection``), in program order."""
+    if graphs is None:
+        return list(program.graphs)
+    chosen = set()
+    for item in graphs:
+        matches = [n for n, role in program.roles.items() if ROLE_SELECTORS.get(item, lambda r: False)(role)]
+        if item in program.graphs:
+            matches.append(item)
+        if not matches:
+            raise PipelineError(f"pass '{pass_name}': no graph '{item}' (graphs: {', '.join(program.graphs)}; "
+                                f"role selectors: {', '.join(ROLE_SELECTORS)})")
+        chosen.update(matches)
+    return [n for n in program.graphs if n in chosen]
+
+
+def select_layers(program: Program, layers: list[int] | None, pass_name: str) -> list[int]:
+    """The block indices ``layers`` selects (None = all of ``program``'s), checked against its layer count."""
+    count = program.info.num_layers
+    if layers is None:
+        return list(range(count))
+    bad = [i for i in layers if not 0 <= i < count]
+    if bad:
+        raise PipelineError(f"pass '{pass_name}': layers {bad} out of range (the model has {count}: 0..{count - 1})")
+    return sorted(set(layers))
+
+
+REQUIREMENTS = {  # name -> (test on (model kind, vocabulary size), what it means)
+    "decoder": (lambda kind, vocab: kind == "decoder", "a decoder with a KV cache"),
+    "encoder": (lambda kind, vocab: kind == "encoder", "an encoder"),
+    "byte-level": (lambda kind, vocab: vocab == 256, "a byte-level model (vocabulary 256)"),
+}
+Requirement = Literal["decoder", "encoder", "byte-level"]
+
+
+def check_requirements(pass_: "Pass", kind: str, vocab_size: int | None, model: str) -> None:
+    """Raise ``UnsupportedModelError`` naming the pass, what it needs and ``model`` if ``pass_.requires`` is
+    not met by a ``kind`` model with ``vocab_size``."""
+    unmet = [REQUIREMENTS[r][1] for r in sorted(pass_.requires) if not REQUIREMENTS[r][0](kind, vocab_size)]
+    if unmet:
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise UnsupportedModelError(f"pass '{pass_.name}' needs {' and '.join(unmet)}; {model} is {article} {kind}"
+                                    + (f" with vocabulary {vocab_size}" if vocab_size else ""))
+
+
 @dataclass
 class PassResult:
     """A pass's output program, whether it changed anything, and pass-specific figures for ``--explain``."""
@@ -53,6 +132,7 @@ class Pass(ABC):
     name: ClassVar[str]
     exact: ClassVar[bool]
     Config: ClassVar[type[PassConfig]] = PassConfig
+    requires: ClassVar[frozenset[Requirement]] = frozenset()
     runs_after: ClassVar[frozenset[str]] = frozenset()
     runs_before: ClassVar[frozenset[str]] = frozenset()
 

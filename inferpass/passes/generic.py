@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import Field
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.fx.node import map_arg
 
-from inferpass.errors import PipelineError
-
 from inferpass.ir.graph_utils import refresh
 from inferpass.ir.program import Program
-from inferpass.passes.base import Pass, PassConfig, PassResult, register_pass
+from inferpass.passes.base import GraphSelection, Pass, PassResult, register_pass, select_graphs
 from inferpass.passes.purity import is_deterministic, is_pure
-
-
-class GraphSelection(PassConfig):
-    """``graphs``: names of the graphs to process; ``None`` is all of them, ``[]`` is the identity."""
-
-    graphs: list[str] | None = Field(default=None)
 
 
 class _PerGraphPass(Pass):
@@ -32,11 +23,8 @@ class _PerGraphPass(Pass):
         raise NotImplementedError
 
     def run(self, program: Program) -> PassResult:
-        selected = program.graphs if self.config.graphs is None else self.config.graphs
         total = 0
-        for name in selected:
-            if name not in program.graphs:
-                raise PipelineError(f"pass '{self.name}': no graph '{name}' (graphs: {sorted(program.graphs)})")
+        for name in select_graphs(program, self.config.graphs, self.name):
             program.graphs[name], count = self.rewrite(program.graphs[name])
             total += count
         return PassResult(program, changed=total > 0, stats={self.stat_name: total})

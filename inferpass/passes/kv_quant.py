@@ -30,7 +30,8 @@ from inferpass.ir.structure import graph_structure
 from inferpass.kernels.decode_plan import cached_plan, planning_workers
 from inferpass.kernels.kv_quant_op import KV_QUANT_APPEND, KV_QUANT_ATTENTION
 from inferpass.kernels.quantized_cache import STATS_DTYPE, KVQuantSpec, fused_kernel_supports
-from inferpass.passes.base import AutoOrPositive, Pass, PassConfig, PassResult, op_count, register_pass
+from inferpass.passes.base import (AutoOrPositive, LayerSelection, Pass, PassResult, op_count, register_pass,
+                                  select_layers)
 from inferpass.passes.cache_attention import cache_attention, insert_like
 
 _CODE_FIELDS = {"k_codes", "v_codes"}
@@ -50,7 +51,7 @@ def auto_value_group(kv_heads: int, head_dim: int) -> int:
     return max(d for d in range(1, min(channels, AUTO_VALUE_GROUP_MAX) + 1) if channels % d == 0)
 
 
-class KVQuantConfig(PassConfig):
+class KVQuantConfig(LayerSelection):
     """bits (2/4/8), group, residual, sink, value_group: see ``KVQuantSpec`` (value_group auto: chosen per
     model, ``auto_value_group``); layers: layer indices to quantize (None = all, [] = identity);
     bits_per_layer: per-layer bit overrides, e.g. ``{0: 8}``; splits: split-KV programs per (row, KV head)
@@ -61,7 +62,6 @@ class KVQuantConfig(PassConfig):
     residual: int = 32
     sink: int = 0
     value_group: AutoOrPositive = "auto"
-    layers: list[int] | None = None
     bits_per_layer: dict[int, int] = Field(default_factory=dict)
     splits: AutoOrPositive = "auto"
 
@@ -88,16 +88,14 @@ class KVQuant(Pass):
     name = "kv-quant"
     exact = False
     Config = KVQuantConfig
+    requires = frozenset({"decoder"})
     runs_before = frozenset({"lean-attention"})  # it replaces the SDPA this pass rewrites
 
     def run(self, program: Program) -> PassResult:
-        if not program.is_decoder:
-            raise UnsupportedModelError(f"pass '{self.name}' needs a decoder program with a KV cache; "
-                                        f"got a {program.info.kind}")
         by_layer = {}
         for t in program.cache.tensors:
             by_layer.setdefault(t.layer, {})[t.role] = t
-        layers = sorted(by_layer) if self.config.layers is None else self.config.layers
+        layers = select_layers(program, self.config.layers, self.name)
         for layer in layers:
             if set(by_layer.get(layer, {})) != {"k", "v"}:
                 raise UnsupportedModelError(f"pass '{self.name}': layer {layer} has no fp k/v cache to quantize "

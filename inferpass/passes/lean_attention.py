@@ -21,23 +21,24 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from inferpass.errors import UnsupportedModelError
 from inferpass.ir.graph_utils import refresh, user_inputs
 from inferpass.ir.program import Program
 from inferpass.ir.structure import graph_structure
 from inferpass.kernels.decode_plan import cached_plan, planning_workers
 from inferpass.kernels.split_kv_op import SPLIT_KV_ATTENTION
-from inferpass.passes.base import AutoOrPositive, Pass, PassConfig, PassResult, op_count, register_pass
+from inferpass.passes.base import (AutoOrPositive, GraphSelection, Pass, PassResult, op_count, register_pass,
+                                  select_graphs)
 from inferpass.passes.cache_attention import cache_attention, insert_like
 
-class LeanAttentionConfig(PassConfig):
+class LeanAttentionConfig(GraphSelection):
     """schedule: auto | single | split | stream-k; splits: split count for ``split`` (auto or N ≥ 1);
-    block_n: KV tile size (power of two ≥ 16); graphs: graphs to rewrite (``[]`` = identity)."""
+    block_n: KV tile size (power of two ≥ 16); graphs: graphs to rewrite, by role or name (default: the
+    one-token steps; ``[]`` = identity)."""
 
     schedule: Literal["auto", "single", "split", "stream-k"] = "auto"
     splits: AutoOrPositive = "auto"
     block_n: int = 64
-    graphs: list[str] = Field(default_factory=lambda: ["decode"])
+    graphs: list[str] | None = Field(default_factory=lambda: ["decode"])
 
     @field_validator("block_n")
     @classmethod
@@ -54,15 +55,11 @@ class LeanAttention(Pass):
     name = "lean-attention"
     exact = True
     Config = LeanAttentionConfig
+    requires = frozenset({"decoder"})
 
     def run(self, program: Program) -> PassResult:
-        if not program.is_decoder:
-            raise UnsupportedModelError(f"pass '{self.name}' needs a decoder program with a KV cache; "
-                                        f"got a {program.info.kind}")
         rewritten = 0
-        for name in self.config.graphs:
-            if name not in program.graphs:
-                raise UnsupportedModelError(f"pass '{self.name}': no graph '{name}' (graphs: {sorted(program.graphs)})")
+        for name in select_graphs(program, self.config.graphs, self.name):
             rewritten += self._rewrite(program, name)
         stats = {"attention_sites": rewritten, **(self.plans(program, planning_workers()) if rewritten else {})}
         return PassResult(program, changed=rewritten > 0, stats=stats)

@@ -22,7 +22,7 @@ from inferpass.errors import InferpassError, PipelineError, UnsupportedModelErro
 from inferpass.ir.examples import example_inputs
 from inferpass.ir.program import Program
 from inferpass.ir.verify import verify_program
-from inferpass.passes.base import Pass
+from inferpass.passes.base import Pass, check_requirements
 from inferpass.passes.instruments import Instrument, IRDump, ReproOnFailure
 from inferpass.passes.pipeline import Pipeline
 
@@ -115,6 +115,9 @@ class PassManager:
         working = program.clone()
         torch.manual_seed(self.seed)
         result = pass_.run(working)
+        if result.program.applied != program.applied:
+            raise VerificationError(f"pass '{pass_.name}' changed the program's 'applied' list; the pass manager "
+                                    "records what ran")
         result.program.applied.append(pass_.spec())
         if self.verify:
             verify_program(result.program)
@@ -123,7 +126,11 @@ class PassManager:
         return result
 
     def run(self, program: Program) -> PipelineRun:
-        """Apply every pass in order; return the final program and per-pass records."""
+        """Apply every pass in order; return the final program and per-pass records. Every pass's requirements
+        are checked first (``UnsupportedModelError`` before any pass runs)."""
+        for pass_ in self.pipeline.passes:
+            check_requirements(pass_, program.info.kind, program.info.vocab_size,
+                               program.info.source or program.info.architecture)
         for inst in self.instruments:
             inst.before_pipeline(program)
         run = PipelineRun(program)

@@ -7,20 +7,20 @@ Each pass appears at most once (a repeat is a duplicate, or a conflict when the 
 differ): ordering constraints name passes, so a repeated one has no defined place.
 Ordering constraints (``runs_after``/``runs_before``) are sorted with networkx, keeping
 the written order where no constraint applies; a cycle is an error naming the passes in it.
-``check_graphs`` validates the graph names in pass configs against a model kind before capture.
+``check_model`` validates requirements and graph selections against a model before capture.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import networkx as nx
 import yaml
 
 from inferpass.errors import PipelineError
-from inferpass.passes.base import Pass, get_pass
+from inferpass.passes.base import SELECTORS_BY_KIND, Pass, check_requirements, get_pass
 
 
 def _split_top_level(text: str, sep: str = ",") -> list[str]:
@@ -119,12 +119,14 @@ class Pipeline:
             return cls.from_file(text_or_path)
         return cls.parse(text_or_path or "")
 
-    def check_graphs(self, graphs: Sequence[str], model: str) -> None:
-        """Raise ``PipelineError`` if a pass config's ``graphs`` names a graph not in ``graphs`` (those of ``model``,
-        described for the message), before any capture."""
+    def check_model(self, kind: str, vocab_size: int | None, model: str) -> None:
+        """Before any capture: every pass's requirements hold for a ``kind`` model with ``vocab_size``
+        (``UnsupportedModelError``), and every ``graphs`` selection names graphs such a model has
+        (``PipelineError``); ``model`` describes the model in messages."""
+        graphs = SELECTORS_BY_KIND[kind]
         for p in self.passes:
-            named = getattr(p.config, "graphs", None) or []
-            unknown = [g for g in named if g not in graphs]
+            check_requirements(p, kind, vocab_size, model)
+            unknown = [g for g in getattr(p.config, "graphs", None) or [] if g not in graphs]
             if unknown:
                 raise PipelineError(f"pass '{p.spec()}': no graph {', '.join(map(repr, unknown))} in {model} "
                                     f"(its graphs: {', '.join(graphs)})")
