@@ -23,25 +23,25 @@ class Generation:
     decode_seconds: list[float] = field(default_factory=list)
 
 
-def _token(value, row: int, position: int, vocab: int | None) -> int:
-    """``value`` as a token id; raises ``InferpassError`` naming the row and position for a non-integer
-    (floats and bools too: never truncated) or an id outside ``[0, vocab)``."""
+def token_id(value, where: str, vocab: int | None) -> int:
+    """``value`` as a token id; raises ``InferpassError`` naming ``where`` (e.g. "prompt 1, position 3") for a
+    non-integer (floats and bools too: never truncated) or an id outside ``[0, vocab)``."""
     try:
         if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
             raise TypeError
         token = operator.index(value)
     except TypeError:
-        raise InferpassError(f"prompt {row}, position {position}: token id {value!r} is a "
+        raise InferpassError(f"{where}: token id {value!r} is a "
                              f"{type(value).__name__}, not an integer") from None
     if token < 0 or (vocab is not None and token >= vocab):
-        raise InferpassError(f"prompt {row}, position {position}: token id {token} is outside the vocabulary "
+        raise InferpassError(f"{where}: token id {token} is outside the vocabulary "
                              f"[0, {vocab}) of this program")
     return token
 
 
 def check_prompts(prompts: list[list[int]], vocab: int | None) -> list[list[int]]:
     """The prompts as lists of int token ids; raises ``InferpassError`` for an empty batch ("no prompts"),
-    an empty prompt, or a bad token id (see ``_token``)."""
+    an empty prompt, or a bad token id (see ``token_id``)."""
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence | torch.Tensor):
         raise InferpassError(f"prompts must be a list of token-id lists, got a {type(prompts).__name__}")
     if len(prompts) == 0:
@@ -52,7 +52,7 @@ def check_prompts(prompts: list[list[int]], vocab: int | None) -> list[list[int]
             raise InferpassError(f"prompt {row} must be a list of token ids, got a {type(prompt).__name__}")
         if len(prompt) == 0:
             raise InferpassError(f"prompt {row} is empty: every prompt needs at least one token")
-        checked.append([_token(t, row, i, vocab) for i, t in enumerate(prompt)])
+        checked.append([token_id(t, f"prompt {row}, position {i}", vocab) for i, t in enumerate(prompt)])
     return checked
 
 

@@ -1,0 +1,193 @@
+"""The engine: a request's output does not depend on what else runs (alone, batched, joining mid-flight), on
+eager and cpu; seeded sampling likewise; every finished, cancelled or failed request returns its cache row;
+bad requests are named and do not stop the others; a stress run of mixed requests loses nothing."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from factories import decoder_configs, tiny_decoder
+from inferpass.capture import capture
+from inferpass.errors import InferpassError
+from inferpass.ir.serialize import save_program
+from inferpass.passes import PassManager, Pipeline
+from inferpass.runtime.engine import Engine
+from inferpass.runtime.generator import Generator
+from inferpass.targets import get_target
+from inferpass.targets.iree_cpu import CpuTarget
+
+MAX_LEN = 48
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A two-layer GQA Llama (vocab 64, cache of 48 slots) on the eager target."""
+    return get_target("eager").compile(capture(tiny_decoder("llama", layers=2), max_len=MAX_LEN))
+
+
+def _alone(executable, prompt, params):
+    return Engine(executable, rows=1).generate([prompt], params)[0].tokens
+
+
+def _staggered(executable, prompts, params, rows, chunk, join_every=2):
+    """Submit the prompts one at a time, ``join_every`` steps apart, so requests join a running batch."""
+    engine = Engine(executable, rows=rows, prefill_chunk=chunk)
+    requests = []
+    for prompt in prompts:
+        requests.append(engine.submit(prompt, params))
+        for _ in range(join_every):
+            engine.step()
+    for _ in engine.stream():
+        pass
+    assert engine.pool.used == 0 and all(r.state == "finished" for r in requests)
+    return [r.tokens for r in requests]
+
+
+@settings(max_examples=5)
+@given(config=decoder_configs(), data=st.data())
+def test_greedy_output_is_the_same_alone_batched_and_joining_mid_flight(config, data):
+    program = capture(tiny_decoder(**config), max_len=MAX_LEN)
+    executable = get_target("eager").compile(program)
+    vocab = program.info.vocab_size
+    prompts = data.draw(st.lists(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=20), min_size=1,
+                                 max_size=5))
+    params = {"max_new_tokens": data.draw(st.integers(1, 12))}
+    alone = [_alone(executable, p, params) for p in prompts]
+    assert alone == Generator(executable).generate(prompts, params["max_new_tokens"]).tokens
+    rows, chunk = data.draw(st.integers(1, 4)), data.draw(st.sampled_from([3, 8, 64]))
+    assert [r.tokens for r in Engine(executable, rows=rows, prefill_chunk=chunk).generate(prompts, params)] == alone
+    assert _staggered(executable, prompts, params, rows, chunk) == alone
+
+
+def test_cpu_target_gives_the_eager_engine_output(small, tmp_path):
+    prompts = [[5, 9, 2], list(range(20)), [7] * 11]
+    params = {"max_new_tokens": 6}
+    want = [_alone(small, p, params) for p in prompts]
+    executable = CpuTarget(cache_dir=tmp_path).compile(small.program)
+    assert _staggered(executable, prompts, params, rows=2, chunk=16) == want
+
+
+def test_quantized_caches_are_never_padded_and_give_the_same_output_batched(small):
+    quantized = PassManager(Pipeline.parse("kv-quant{bits=4, group=8, residual=8}")).run(small.program).program
+    executable = get_target("eager").compile(quantized)
+    prompts = [list(range(3, 30)), [1, 2], list(range(10, 40))]
+    params = {"max_new_tokens": 10}
+    want = [_alone(executable, p, params) for p in prompts]
+    assert _staggered(executable, prompts, params, rows=3, chunk=8, join_every=1) == want
+    engine = Engine(executable, rows=2)
+    request = engine.submit([1, 2, 3], params)
+    engine.step()
+    with pytest.raises(InferpassError, match="cannot be rolled back"):
+        engine.pool.truncate(request, 1)
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(small):
+    params = {"max_new_tokens": 12, "temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 1234}
+    prompts = [[1, 2, 3], [4] * 9, list(range(17))]
+    alone = [_alone(small, p, params) for p in prompts]
+    assert _staggered(small, prompts, params, rows=3, chunk=4) == alone
+    other_seed = Engine(small, rows=3).generate(prompts, {**params, "seed": 99})
+    assert [r.tokens for r in other_seed] != alone
+
+
+@pytest.mark.parametrize("params, prompt, message", [
+    ({}, [], "prompt: a request needs a non-empty list of token ids"),
+    ({}, list(range(3)) * 20, r"prompt: 60 tokens \+ max_new_tokens 16 need 75 cache positions; .* max_len is 48"),
+    ({"max_new_tokens": 0}, [1], "max_new_tokens: Input should be greater than or equal to 1"),
+    ({"temperature": -1}, [1], "temperature: Input should be greater than or equal to 0"),
+    ({"top_p": 0}, [1], "top_p: Input should be greater than 0"),
+    ({"top_p": 1.5}, [1], "top_p: Input should be less than or equal to 1"),
+    ({}, [1, 64], r"prompt position 1: token id 64 is outside the vocabulary \[0, 64\)"),
+    ({}, [1, 2.5], "prompt position 1: token id 2.5 is a float, not an integer"),
+    ({"stop_token_ids": [99]}, [1], r"stop_token_ids: token id 99 is outside the vocabulary"),
+    ({"stop": ["x"]}, [1], "stop strings need a byte-level model"),
+])
+def test_bad_requests_are_named_and_the_others_continue(small, params, prompt, message):
+    engine = Engine(small, rows=2)
+    with pytest.raises(InferpassError, match=message):
+        engine.submit(prompt, params)
+    assert engine.idle
+    good, bad = engine.generate([[1, 2, 3], prompt], params)
+    assert bad.state == "failed" and message.split(":")[0] in bad.error and engine.pool.used == 0
+    if not message.startswith(("max_new_tokens", "temperature", "top_p", "stop")):  # shared params: both fail
+        assert good.state == "finished" and len(good.tokens) == 16
+
+
+def test_cancelled_and_failed_requests_return_their_rows(small, monkeypatch):
+    engine = Engine(small, rows=2, prefill_chunk=4)
+    running, prefilling, waiting = (engine.submit(p, {"max_new_tokens": 20}) for p in ([1, 2], [3] * 20, [4]))
+    for _ in range(3):
+        engine.step()
+    assert (running.state, prefilling.state, waiting.state) == ("decode", "prefill", "waiting")
+    for request in (running, prefilling, waiting):
+        engine.cancel(request)
+        assert request.state == "cancelled"
+    assert engine.idle and engine.pool.free == 2
+    request = engine.submit([1, 2, 3], {"max_new_tokens": 5})
+    engine.step()
+
+    def broken(*args):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner.executable, "run", broken)
+    engine.step()
+    assert request.state == "failed" and "device lost" in request.error and engine.pool.used == 0
+
+
+def test_stop_tokens_strings_and_streaming():
+    program = capture(tiny_decoder("llama", layers=1, vocab=256), max_len=MAX_LEN)
+    engine = Engine(get_target("eager").compile(program), rows=2)
+    free = engine.generate([[10, 20, 30]], {"max_new_tokens": 8})[0].tokens
+    stopped = engine.generate([[10, 20, 30]], {"max_new_tokens": 8, "stop_token_ids": [free[2]]})[0]
+    assert stopped.tokens == free[:free.index(free[2]) + 1] and stopped.finish_reason == "stop"
+    text = bytes(free[:2]).decode("latin-1")
+    if text.encode("utf-8") == bytes(free[:2]):  # a stop string only where the bytes are valid UTF-8
+        by_text = engine.generate([[10, 20, 30]], {"max_new_tokens": 8, "stop": [text]})[0]
+        assert by_text.tokens == free[:2] and by_text.finish_reason == "stop"
+    seen = []
+    engine.submit([10, 20, 30], {"max_new_tokens": 8}, on_token=lambda r, t: seen.append(t))
+    streamed = [t for _, t in engine.stream()]
+    assert streamed == seen == free
+
+
+def test_opens_saved_folders_and_model_directories(small, tmp_path):
+    tiny_decoder("llama", layers=2).save_pretrained(tmp_path / "hf")
+    save_program(small.program, tmp_path / "saved")
+    want = _alone(small, [1, 2, 3], {"max_new_tokens": 5})
+    for path, options in ((tmp_path / "saved", {}), (tmp_path / "hf", {"max_len": MAX_LEN})):
+        assert Engine.open(path, rows=2, **options).generate([[1, 2, 3]], {"max_new_tokens": 5})[0].tokens == want
+    with pytest.raises(InferpassError, match="max_len applies to a model directory"):
+        Engine.open(tmp_path / "saved", max_len=8)
+
+
+def test_stress_mixed_requests_lose_nothing(small):
+    rng = random.Random(0)
+    engine = Engine(small, rows=6, prefill_chunk=8)
+    requests, cancel_after = [], {}
+    for i in range(220):
+        prompt = [rng.randrange(64) for _ in range(rng.randint(1, 30))]
+        params = {"max_new_tokens": rng.randint(1, MAX_LEN - len(prompt) + 1), "temperature": rng.choice([0, 0.7]),
+                  "seed": i}
+        request = engine.submit(prompt, params)
+        requests.append(request)
+        if rng.random() < 0.15:
+            cancel_after[request.id] = rng.randint(0, 5)
+        if rng.random() < 0.5:
+            for _ in range(rng.randint(1, 3)):
+                engine.step()
+        for r in requests:
+            if r.id in cancel_after and len(r.tokens) >= cancel_after[r.id]:
+                engine.cancel(r)
+    for _ in engine.stream():
+        pass
+    assert engine.pool.used == 0 and engine.pool.decoding == 0
+    for r in requests:
+        if r.id in cancel_after and r.state == "cancelled":
+            continue
+        assert r.state == "finished" and len(r.tokens) == r.params.max_new_tokens, (r.state, r.error)
+    assert sum(r.state == "finished" for r in requests) >= 150
+    sample = [r for r in requests if r.state == "finished"][::25]
+    assert [r.tokens for r in sample] == [_alone(small, r.prompt, r.params) for r in sample]
+    assert torch.equal(engine.pool.lengths, torch.zeros(6, dtype=torch.long))
