@@ -71,10 +71,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="optimize-model generate",
+        description="Generate text with the engine (continuous batching) from a saved inferpass folder or a model "
+                    "directory; prompts from --prompt, else one per line on stdin. Streams a single prompt's text; "
+                    "ends with a throughput summary.",
+    )
+    p.add_argument("model_dir", nargs="?", help="saved inferpass folder or Hugging Face model directory "
+                   "(default: the embedded default LM)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    p.add_argument("--target", default="eager", help=f"where it runs: {', '.join(TARGETS)}")
+    p.add_argument("--max-len", type=positive_int, help="KV-cache length when capturing a model directory")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=positive_int)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (byte-level models; repeatable)")
+    p.add_argument("--rows", type=positive_int, default=8, help="sequences decoded at once (cache rows)")
+    p.add_argument("--plugin", action="append", default=[], help="import a module that registers passes or ops")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ``optimize-model``; 0 on success, 2 with ``error: ...`` on stderr for bad input, 1 for a reproduced
-    failure (``--repro``)."""
-    args = build_parser().parse_args(argv)
+    """Run ``optimize-model`` (or ``optimize-model generate ...``); 0 on success, 2 with ``error: ...`` on stderr
+    for bad input, 1 for a reproduced failure (``--repro``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["generate"]:
+        args = build_generate_parser().parse_args(argv[1:])
+        args.command = "generate"
+    else:
+        args = build_parser().parse_args(argv)
+        args.command = "optimize"
     from inferpass import commands  # the heavy stack, only now that the arguments parse
 
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,9 @@ from inferpass.ir.output_folder import check_output
 from inferpass.ir.serialize import save_program
 from inferpass.passes import PassManager, Pipeline, PipelineRun, registered_passes
 from inferpass.plugins import load_plugin
+from inferpass.runtime.engine import Engine
 from inferpass.runtime.generator import Generator
+from inferpass.runtime.text_codec import TextCodec
 from inferpass.targets import Executable, get_target
 
 OUTPUT_BYTES_PER_WEIGHT_BYTE = 3  # the saved folder holds fp32 weights (2x a bf16 checkpoint) plus graphs
@@ -47,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     for plugin in args.plugin:
         load_plugin(plugin)
+    if args.command == "generate":
+        return generate(args)
     if args.list_passes:
         list_passes()
         return 0
@@ -57,6 +62,44 @@ def run(args: argparse.Namespace) -> int:
         err_console.print(f"reproduced: {message}", soft_wrap=True)
         return 1
     return optimize(args)
+
+
+def generate(args: argparse.Namespace) -> int:
+    """``optimize-model generate``: run prompts through the engine, streaming a single prompt's text, and print
+    a throughput summary."""
+    path = Path(args.model_dir) if args.model_dir else DEFAULT_MODEL
+    engine = Engine.open(path, target=args.target, max_len=args.max_len, rows=args.rows)
+    codec = TextCodec(engine.program, [path, *([Path(engine.program.info.source)] if engine.program.info.source
+                                              else [])])
+    texts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise InferpassError("no prompts: pass --prompt TEXT or one prompt per line on stdin")
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+              "top_p": args.top_p, "seed": args.seed, "stop": tuple(args.stop)}
+    requests = [engine.submit(codec.encode(text), params) for text in texts]
+    decoders = {r.id: codec.decoder() for r in requests}
+    pieces: dict[int, list[str]] = {r.id: [] for r in requests}
+    first_token: dict[int, float] = {}
+    if len(requests) == 1:
+        sys.stdout.write(texts[0])
+    t0 = time.perf_counter()
+    for request, token in engine.stream():
+        first_token.setdefault(request.id, time.perf_counter() - t0)
+        piece = decoders[request.id].push(token)
+        pieces[request.id].append(piece)
+        if len(requests) == 1:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        elif request.done:
+            console.print(f"[{requests.index(request)}] {texts[requests.index(request)]}{''.join(pieces[request.id])}")
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(r.tokens) for r in requests)
+    if len(requests) == 1:
+        sys.stdout.write("\n")
+    waits = sorted(first_token.values())
+    err_console.print(f"{len(requests)} requests, {tokens} tokens in {seconds:.2f}s: {tokens / seconds:.1f} tokens/s; "
+                      f"time to first token p50 {waits[len(waits) // 2]:.3f}s ({args.target}, {args.rows} rows)")
+    return 0
 
 
 def field_default(field) -> str:

@@ -2,6 +2,7 @@
 eager and cpu; seeded sampling likewise; every finished, cancelled or failed request returns its cache row;
 bad requests are named and do not stop the others; a stress run of mixed requests loses nothing."""
 
+import io
 import random
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from factories import decoder_configs, tiny_decoder
 from inferpass.capture import capture
+from inferpass.cli import main
 from inferpass.errors import InferpassError
 from inferpass.ir.serialize import save_program
 from inferpass.passes import PassManager, Pipeline
@@ -191,3 +193,20 @@ def test_stress_mixed_requests_lose_nothing(small):
     sample = [r for r in requests if r.state == "finished"][::25]
     assert [r.tokens for r in sample] == [_alone(small, r.prompt, r.params) for r in sample]
     assert torch.equal(engine.pool.lengths, torch.zeros(6, dtype=torch.long))
+
+
+def test_generate_command_streams_text_and_summarises(tmp_path, capsys, monkeypatch):
+    tiny_decoder("llama", layers=1, vocab=256).save_pretrained(tmp_path / "byte-lm")
+    args = ["generate", str(tmp_path / "byte-lm"), "--max-len", "32", "--max-new-tokens", "5"]
+    assert main([*args, "--prompt", "hi"]) == 0
+    out, err = capsys.readouterr()
+    want = Engine.open(tmp_path / "byte-lm", max_len=32).generate([list(b"hi")], {"max_new_tokens": 5})[0].tokens
+    assert out == "hi" + bytes(want).decode("utf-8", "replace") + "\n"
+    assert "1 requests, 5 tokens in" in err and "tokens/s; time to first token p50" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("one\ntwo\n"))
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "[0] one" in out and "[1] two" in out and "2 requests, 10 tokens" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(args) == 2
+    assert "error: no prompts: pass --prompt TEXT or one prompt per line on stdin" in capsys.readouterr().err
