@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from inferpass.capture import capture  # noqa: E402
 from inferpass.defaults import DEFAULT_MODEL, DEFAULT_PIPELINES, HELDOUT_TEXT  # noqa: E402
+from inferpass.eval.speed import percentile  # noqa: E402
 from inferpass.passes import PassManager, Pipeline  # noqa: E402
 from inferpass.runtime.engine import Engine  # noqa: E402
 from inferpass.targets import get_target  # noqa: E402
@@ -53,11 +54,6 @@ def make_requests(count: int, max_prompt: int, max_output: int, rate: float, see
                          "arrival": arrival})
         arrival += rng.expovariate(rate)
     return requests
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 class _FirstStep(LogitsProcessor):
