@@ -17,6 +17,7 @@ from inferpass.ir.serialize import save_program
 from inferpass.passes import PassManager, Pipeline
 from inferpass.runtime.engine import Engine
 from inferpass.runtime.generator import Generator
+from inferpass.runtime.sampling import SamplingParams, sample
 from inferpass.targets import get_target
 from inferpass.targets.iree_cpu import CpuTarget
 
@@ -210,3 +211,13 @@ def test_generate_command_streams_text_and_summarises(tmp_path, capsys, monkeypa
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert main(args) == 2
     assert "error: no prompts: pass --prompt TEXT or one prompt per line on stdin" in capsys.readouterr().err
+
+
+def test_top_k_and_top_p_keep_only_their_candidates():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9, -1.0])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        assert sample(logits, SamplingParams(temperature=5.0, top_k=2), gen) in (1, 3)
+        assert sample(logits, SamplingParams(temperature=5.0, top_p=0.01), gen) == 1
+    drawn = {sample(logits, SamplingParams(temperature=5.0), gen) for _ in range(200)}
+    assert drawn == {0, 1, 2, 3, 4}  # without a filter, every token is drawn at this temperature
