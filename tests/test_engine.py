@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from factories import decoder_configs, tiny_decoder
 from inferpass.capture import capture
 from inferpass.cli import main
+from inferpass.defaults import DEFAULT_PIPELINES
 from inferpass.errors import InferpassError
 from inferpass.ir.serialize import save_program
 from inferpass.passes import PassManager, Pipeline
@@ -34,9 +35,9 @@ def _alone(executable, prompt, params):
     return Engine(executable, rows=1).generate([prompt], params)[0].tokens
 
 
-def _staggered(executable, prompts, params, rows, chunk, join_every=2):
+def _staggered(executable, prompts, params, rows, chunk, join_every=2, step_tokens=1024):
     """Submit the prompts one at a time, ``join_every`` steps apart, so requests join a running batch."""
-    engine = Engine(executable, rows=rows, prefill_chunk=chunk)
+    engine = Engine(executable, rows=rows, prefill_chunk=chunk, step_tokens=step_tokens)
     requests = []
     for prompt in prompts:
         requests.append(engine.submit(prompt, params))
@@ -49,9 +50,9 @@ def _staggered(executable, prompts, params, rows, chunk, join_every=2):
 
 
 @settings(max_examples=5)
-@given(config=decoder_configs(), data=st.data())
-def test_greedy_output_is_the_same_alone_batched_and_joining_mid_flight(config, data):
-    program = capture(tiny_decoder(**config), max_len=MAX_LEN)
+@given(config=decoder_configs(), pipeline=st.sampled_from(["", DEFAULT_PIPELINES["decoder"]]), data=st.data())
+def test_greedy_output_is_the_same_alone_batched_and_joining_mid_flight(config, pipeline, data):
+    program = PassManager(Pipeline.parse(pipeline)).run(capture(tiny_decoder(**config), max_len=MAX_LEN)).program
     executable = get_target("eager").compile(program)
     vocab = program.info.vocab_size
     prompts = data.draw(st.lists(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=20), min_size=1,
@@ -60,8 +61,10 @@ def test_greedy_output_is_the_same_alone_batched_and_joining_mid_flight(config, 
     alone = [_alone(executable, p, params) for p in prompts]
     assert alone == Generator(executable).generate(prompts, params["max_new_tokens"]).tokens
     rows, chunk = data.draw(st.integers(1, 4)), data.draw(st.sampled_from([3, 8, 64]))
-    assert [r.tokens for r in Engine(executable, rows=rows, prefill_chunk=chunk).generate(prompts, params)] == alone
-    assert _staggered(executable, prompts, params, rows, chunk) == alone
+    step_tokens = data.draw(st.sampled_from([1, 10, 1024]))
+    engine = Engine(executable, rows=rows, prefill_chunk=chunk, step_tokens=step_tokens)
+    assert [r.tokens for r in engine.generate(prompts, params)] == alone
+    assert _staggered(executable, prompts, params, rows, chunk, step_tokens=step_tokens) == alone
 
 
 def test_cpu_target_gives_the_eager_engine_output(small, tmp_path):
@@ -70,6 +73,13 @@ def test_cpu_target_gives_the_eager_engine_output(small, tmp_path):
     want = [_alone(small, p, params) for p in prompts]
     executable = CpuTarget(cache_dir=tmp_path).compile(small.program)
     assert _staggered(executable, prompts, params, rows=2, chunk=16) == want
+    caches = [c.normal_() for c in small.program.cache.allocate(2)]
+    ids, start = torch.tensor([[3], [7]]), torch.tensor([5, 9])
+    want_logits, *want_caches = small.run("decode", ids, start, *caches)
+    logits, *written = executable.run("decode", ids, start, *caches)  # a shape the engine compiled
+    assert all(w is c for w, c in zip(written, caches))  # IREE wrote the caller's caches in place
+    torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(written, want_caches, atol=1e-4, rtol=1e-4)
 
 
 def test_quantized_caches_are_never_padded_and_give_the_same_output_batched(small):
@@ -119,7 +129,7 @@ def test_bad_requests_are_named_and_the_others_continue(small, params, prompt, m
 
 
 def test_cancelled_and_failed_requests_return_their_rows(small, monkeypatch):
-    engine = Engine(small, rows=2, prefill_chunk=4)
+    engine = Engine(small, rows=2, prefill_chunk=4, step_tokens=4)  # at most one 4-token chunk a step
     running, prefilling, waiting = (engine.submit(p, {"max_new_tokens": 20}) for p in ([1, 2], [3] * 20, [4]))
     for _ in range(3):
         engine.step()
@@ -134,7 +144,7 @@ def test_cancelled_and_failed_requests_return_their_rows(small, monkeypatch):
     def broken(*args):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(engine.runner.executable, "run", broken)
+    monkeypatch.setattr(engine.runner.executable, "step", broken)
     engine.step()
     assert request.state == "failed" and "device lost" in request.error and engine.pool.used == 0
 
@@ -221,3 +231,53 @@ def test_top_k_and_top_p_keep_only_their_candidates():
         assert sample(logits, SamplingParams(temperature=5.0, top_p=0.01), gen) == 1
     drawn = {sample(logits, SamplingParams(temperature=5.0), gen) for _ in range(200)}
     assert drawn == {0, 1, 2, 3, 4}  # without a filter, every token is drawn at this temperature
+
+
+def test_each_step_stays_within_its_token_budget(small, monkeypatch):
+    engine = Engine(small, rows=3, prefill_chunk=8, step_tokens=20)
+    plans, plan = [], engine.scheduler.plan
+    monkeypatch.setattr(engine.scheduler, "plan", lambda: plans.append(plan()) or plans[-1])
+    prompts = [list(range(1, 31)), list(range(2, 12)), [5] * 25]
+    assert [r.tokens for r in engine.generate(prompts, {"max_new_tokens": 4})] == \
+        [_alone(small, p, {"max_new_tokens": 4}) for p in prompts]
+    for step in plans:
+        chunks = [end - start for _, start, end in step.prefills]
+        assert all(0 < c <= 8 for c in chunks)
+        assert len(step.decode) + sum(chunks) <= max(20, len(step.decode) + 1)  # a chunk always runs
+    assert [(r.prompt[0], s, e) for r, s, e in plans[0].prefills] == [(1, 0, 8), (1, 8, 16), (1, 16, 20)]
+    assert sum(e - s for step in plans for _, s, e in step.prefills) == sum(map(len, prompts))
+
+
+@pytest.mark.parametrize("pipeline", ["", DEFAULT_PIPELINES["decoder"], "kv-quant{bits=4, group=8, residual=8}"])
+def test_eager_steps_write_the_handed_over_caches_in_place(small, pipeline):
+    program = PassManager(Pipeline.parse(pipeline)).run(small.program.clone()).program
+    executable = get_target("eager").compile(program)
+    caches = program.cache.allocate(2)
+    ids, start = torch.tensor([[3], [7]]), torch.tensor([5, 9])
+    want_logits, *want = executable.run("decode", ids, start, *caches)
+    assert all(c.count_nonzero() == 0 for c in caches)  # run is functional
+    logits, *written = executable.step("decode", ids, start, *caches)
+    torch.testing.assert_close(logits, want_logits, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(written, want, atol=1e-6, rtol=1e-6)
+    in_place = [w is c or w.data_ptr() == c.data_ptr() for w, c in zip(written, caches)]
+    assert all(in_place) if "kv-quant" not in pipeline else not any(in_place)  # the quantized append stays functional
+
+
+def test_generate_command_uses_the_tokenizer_saved_with_the_model(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "the", "cat", "sat", "on", "mat", "a", "dog"] + [f"w{i}" for i in range(56)]  # vocab 64
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+    tiny_decoder("llama", layers=1).save_pretrained(tmp_path / "lm")  # vocab 64, no tokenizer yet
+    args = ["generate", str(tmp_path / "lm"), "--max-len", "32", "--max-new-tokens", "4", "--prompt", "the cat sat"]
+    assert main(args) == 2 and "no tokenizer was found" in capsys.readouterr().err
+    fast.save_pretrained(tmp_path / "lm")
+    assert main(args) == 0
+    out, _ = capsys.readouterr()
+    ids = fast.encode("the cat sat")
+    assert ids == [1, 2, 3]
+    want = Engine.open(tmp_path / "lm", max_len=32).generate([ids], {"max_new_tokens": 4})[0].tokens
+    assert out == "the cat sat" + fast.decode(want, skip_special_tokens=True) + "\n"

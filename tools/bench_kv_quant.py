@@ -48,7 +48,7 @@ from inferpass.kernels.quantized_attention import quantized_cache_attention  # n
 from inferpass.kernels.quantized_cache import KVQuantSpec, allocate, append  # noqa: E402
 from inferpass.passes import PassManager, Pipeline  # noqa: E402
 from inferpass.runtime.generator import Generator  # noqa: E402
-from inferpass.runtime.kv_cache import KVCache  # noqa: E402
+from inferpass.runtime.cache_pool import CachePool  # noqa: E402
 from inferpass.targets import get_target  # noqa: E402
 
 DEFAULT_SPEC = "group=32, residual=32, value_group=96"  # value groups: all 3×32 channels of a default-LM token
@@ -179,7 +179,7 @@ def _child_fit(args) -> None:
               "batch": args.batch, "cache_bytes": layout.nbytes(args.batch)}
     try:
         if args.case == "fp":
-            KVCache(layout, args.batch)
+            CachePool(layout, args.batch)
             result["outcome"] = "allocated"
         else:
             prompts = [list(HELDOUT_TEXT.read_bytes()[i * 64 : i * 64 + 64]) for i in range(args.batch)]

@@ -6,7 +6,9 @@ import torch
 
 from inferpass import progress
 from inferpass.eval.bits_per_byte import bits_per_byte
+from inferpass.runtime.cache_pool import CachePool
 from inferpass.runtime.generator import Generator
+from inferpass.runtime.step_runner import StepRunner
 from inferpass.targets.base import Executable
 
 
@@ -26,15 +28,12 @@ def program_bits_per_byte(executable: Executable, data: bytes, *, context: int =
         raise ValueError(f"context {context} exceeds the program's max_len {program.cache.max_len}")
 
     def logits(ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        cache = program.cache.allocate(ids.shape[0], executable.device)
-        step = chunk or ids.shape[1]
-        pieces = []
-        for first in range(0, ids.shape[1], step):
-            piece = ids[:, first : first + step]
-            start = torch.full((ids.shape[0],), first, dtype=torch.long)
-            out, *cache = executable.run(program.graph_for(piece.shape[1]), piece, start, *cache)
-            pieces.append(out.cpu())
-        return {"model": torch.cat(pieces, dim=1)}
+        pool = CachePool(program.cache, ids.shape[0], executable.device)
+        for row in range(ids.shape[0]):
+            pool.acquire(row)
+        runner, step = StepRunner(executable, pool), chunk or ids.shape[1]
+        return {"model": torch.cat([runner.prefill(0, ids[:, first: first + step])
+                                    for first in range(0, ids.shape[1], step)], dim=1)}
 
     return bits_per_byte(logits, data, context=context, stride=context, batch=batch)["model"]
 

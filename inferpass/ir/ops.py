@@ -76,9 +76,10 @@ def registered_ops() -> list[OpSpec]:
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
-def reference_decompositions() -> dict:
-    """Decomposition table mapping every registered op to its aten reference (for lowering)."""
-    return {spec.overload: spec.reference for spec in _REGISTRY.values()}
+def reference_decompositions(keep_kernels_for: str | None = None) -> dict:
+    """Decomposition table mapping every registered op to its aten reference (for lowering); with
+    ``keep_kernels_for`` (a device type), ops with a kernel for that device are left out (they stay calls)."""
+    return {spec.overload: spec.reference for spec in _REGISTRY.values() if keep_kernels_for not in spec.kernels}
 
 
 def attention_targets() -> set:

@@ -26,6 +26,7 @@ import torch
 from inferpass.ir.ops import define_op, register_kernel
 from inferpass.kernels.quantized_attention import quantized_cache_attention
 from inferpass.kernels.quantized_cache import LayerCache, append, attend, empty_attention, op_spec
+from inferpass.kernels.split_kv_reference import laid_out_like
 
 
 def _attention(q, new_k, new_v, start, cache, scale: float, bits: int, group: int, residual: int, sink: int,
@@ -58,7 +59,7 @@ KV_QUANT_APPEND = define_op(
 def _cpu_attention(q, new_k, new_v, start, cache, scale: float, bits: int, group: int, residual: int, sink: int,
                    value_group: int, splits: int):
     spec = op_spec(bits, group, residual, sink, value_group)
-    return quantized_cache_attention(q, LayerCache(*cache), new_k, new_v, start, scale, spec)[0]
+    return laid_out_like(q, quantized_cache_attention(q, LayerCache(*cache), new_k, new_v, start, scale, spec)[0])
 
 
 register_kernel("kv_quant_attention", "cpu", _cpu_attention)

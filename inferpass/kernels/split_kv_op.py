@@ -7,8 +7,8 @@ Shapes and visibility as in ``split_kv_reference``. ``schedule`` is ``auto``,
 (-1 = auto); ``block_n`` is the KV tile size. Implementations:
 
 * reference (any device without a kernel, and what lowering decomposes to): ``dense_attention``;
-* CPU kernel: ``chunked_attention`` — reads only the valid cache prefix, in
-  ``block_n``-slot chunks merged exactly;
+* CPU kernel: ``prefix_attention`` — reads only the valid cache prefix, in one pass (the
+  schedule, splits and block size plan GPU programs; on a CPU the matmuls' threads split the work);
 * CUDA kernel: the Triton kernels, registered by ``cuda_kernels`` (not imported here, so this
   op never imports Triton).
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from inferpass.ir.ops import define_op, register_kernel
-from inferpass.kernels.split_kv_reference import check_decode_shapes, chunked_attention, dense_attention, empty_outputs
+from inferpass.kernels.split_kv_reference import check_decode_shapes, dense_attention, empty_outputs, prefix_attention
 
 SCHEDULES = ("auto", "single", "split", "stream-k")
 
@@ -42,7 +42,7 @@ SPLIT_KV_ATTENTION = define_op(
 
 def _cpu_kernel(q, k, v, start, scale: float, schedule: str, splits: int, block_n: int):
     check_decode_shapes(q, k, v, start)
-    return chunked_attention(q, k, v, start, scale, block_n)
+    return prefix_attention(q, k, v, start, scale)
 
 
 register_kernel("split_kv_attention", "cpu", _cpu_kernel)

@@ -13,7 +13,9 @@ Shapes (shared by every ``split_kv_attention`` implementation):
 
 All arithmetic is fp32. ``dense_attention`` is traceable (static shapes, the whole
 cache is read and masked) and is what lowering uses; ``chunked_attention`` reads
-only the valid prefix, in chunks whose states are merged exactly.
+only the valid prefix, in chunks whose states are merged exactly (the split-KV algorithm);
+``prefix_attention`` reads the valid prefix in one fused pass (the CPU kernel: on a CPU the
+threads already split the work, so more pieces only add copies).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from __future__ import annotations
 import torch
 
 from inferpass.kernels.attention_state import AttentionState, chunk_state, merge_along
+
+_FUSED_CPU_ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default  # returns (out, lse)
 
 
 def check_decode_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> None:
@@ -34,6 +38,12 @@ def check_decode_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start
     if start.shape != (q.shape[0],) or start.dtype != torch.int64:
         raise ValueError(f"split_kv_attention: start must be int64 [B={q.shape[0]}], got "
                          f"{start.dtype} {tuple(start.shape)}")
+
+
+def laid_out_like(q: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (``q``'s shape) with the strides of ``torch.empty_like(q)``, as the ops' fakes promise: a
+    compiler that calls a kernel trusts those strides."""
+    return value if value.stride() == torch.empty_like(q).stride() else torch.empty_like(q).copy_(value)
 
 
 def empty_outputs(q: torch.Tensor, *_) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,10 +72,18 @@ def finish_state(state: AttentionState, q: torch.Tensor) -> tuple[torch.Tensor, 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference attention over the whole cache with the visibility mask (exact in fp32; traceable)."""
-    qg = grouped_queries(q, k.shape[1])
-    scores = qg @ k.float()[:, :, None].transpose(-1, -2) * scale  # [B, Hkv, G, S, L]
-    return finish_state(chunk_state(scores, visible_slots(start, q.shape[2], k.shape[2]), v[:, :, None, None]), q)
+    """Reference attention over the whole cache with the visibility mask (exact in fp32; traceable). The query
+    heads of a KV head are one block of rows, so the cache is read as it is (no broadcast copy for compilers
+    to materialize)."""
+    b, kv_heads, cache_len, d = k.shape
+    heads, q_len = q.shape[1], q.shape[2]
+    rows = heads // kv_heads * q_len
+    scores = q.float().reshape(b, kv_heads, rows, d) @ k.float().transpose(-1, -2) * scale  # [B, Hkv, G*S, L]
+    visible = visible_slots(start, q_len, cache_len).expand(b, 1, heads // kv_heads, q_len, cache_len)
+    scores = scores.masked_fill(~visible.reshape(b, 1, rows, cache_len), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.exp(scores - lse[..., None]) @ v.float()
+    return out.reshape(b, heads, q_len, d).to(q.dtype), lse.reshape(b, heads, q_len)
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, scale: float,
@@ -89,3 +107,18 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: 
     scores = torch.einsum("bkgsd,bkpcd->bkgspc", grouped_queries(q, kv_heads), kc) * scale
     visible = visible_slots(start, q_len, padded).reshape(b, 1, 1, q_len, pieces, chunk)
     return finish_state(merge_along(chunk_state(scores, visible, vc), dim=-1), q)
+
+
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the valid prefix ``[0, max(start) + S)`` only (a host sync on ``start``), the cache read
+    through views (no copy of it), by PyTorch's fused CPU attention with the query heads of a KV head as one
+    query block (no ``repeat_kv``); equals ``dense_attention`` up to fp32 rounding. fp32 CPU tensors."""
+    b, kv_heads, cache_len, d = k.shape
+    heads, q_len = q.shape[1], q.shape[2]
+    group, valid = heads // kv_heads, min(cache_len, int(start.max()) + q_len)
+    visible = visible_slots(start, q_len, valid).expand(b, 1, group, q_len, valid).reshape(b, 1, group * q_len, valid)
+    bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+    out, lse = _FUSED_CPU_ATTENTION(q.reshape(b, kv_heads, group * q_len, d), k[:, :, :valid], v[:, :, :valid],
+                                    attn_mask=bias, scale=scale)
+    return laid_out_like(q, out.reshape(b, heads, q_len, d)), lse.reshape(b, heads, q_len).contiguous()

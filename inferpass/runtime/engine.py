@@ -2,8 +2,8 @@
 
 ``Engine(executable, rows=8)`` (or ``Engine.open(folder_or_model_dir, target=...)``) owns a ``CachePool`` of ``rows`` sequence slots, a
 ``Scheduler`` and a ``StepRunner``. ``submit`` checks a request and queues it; each ``step``
-admits what fits, decodes every running request by one token, prefills one chunk of the
-oldest new prompt, samples per request and retires finished, cancelled or failed requests
+admits what fits, decodes every running request by one token, prefills chunks of the
+oldest new prompts within the step's token budget, samples per request and retires finished, cancelled or failed requests
 (their rows go back to the pool at once). ``generate`` runs a list of requests to the end;
 ``stream`` yields ``(request, token)`` as tokens are produced. Time per step is split into
 ``stats``: scheduling, target calls, sampling.
@@ -33,13 +33,13 @@ from inferpass.targets.base import Executable, get_target
 class Engine:
     """Continuous batching over ``executable`` (a decoder program) with ``rows`` cache slots."""
 
-    def __init__(self, executable: Executable, *, rows: int = 8, prefill_chunk: int = 256):
+    def __init__(self, executable: Executable, *, rows: int = 8, prefill_chunk: int = 256, step_tokens: int = 1024):
         program = executable.program
         if not program.is_decoder:
             raise InferpassError(f"{program.info.architecture} is not a decoder; nothing to generate")
         self.program = program
         self.pool = CachePool(program.cache, rows, executable.device)
-        self.scheduler = Scheduler(self.pool, prefill_chunk)
+        self.scheduler = Scheduler(self.pool, prefill_chunk, step_tokens)
         self.runner = StepRunner(executable, self.pool)
         self.stats = {"steps": 0, "schedule_s": 0.0, "sampling_s": 0.0}
 
@@ -99,8 +99,9 @@ class Engine:
         produced: list[tuple[Request, int]] = []
         if plan.decode:
             self._decode(plan, produced)
-        if plan.prefill is not None:
-            self._prefill(plan, produced)
+        for request, start, end in plan.prefills:
+            if not request.done:
+                self._prefill(request, start, end, produced)
         self.stats["steps"] += 1
         return produced
 
@@ -114,15 +115,14 @@ class Engine:
         for request, row in zip(plan.decode, logits):
             self._emit(request, row, produced)
 
-    def _prefill(self, plan: Step, produced: list) -> None:
-        request = plan.prefill
+    def _prefill(self, request: Request, start: int, end: int, produced: list) -> None:
         try:
-            logits = self.runner.prefill(self.pool.row_of(request), request.prompt[plan.start:plan.end])
+            logits = self.runner.prefill(self.pool.row_of(request), torch.tensor([request.prompt[start:end]]))[0, -1]
         except Exception as exc:  # noqa: BLE001
             self._fail(request, exc)
             return
-        request.prefilled = plan.end
-        if plan.end == len(request.prompt):
+        request.prefilled = end
+        if end == len(request.prompt):
             self.pool.start_decoding(request)
             request.state = "decode"
             self._emit(request, logits, produced)

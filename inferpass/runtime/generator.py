@@ -1,4 +1,9 @@
-"""The generation loop: prefill a (ragged) batch of prompts, then decode token by token, greedy or sampled."""
+"""Fixed-batch generation: prefill a (ragged) batch of prompts, then decode token by token, greedy or sampled.
+
+The engine's parts run it — a ``CachePool`` with one row per prompt and a ``StepRunner`` — so it
+measures and scores exactly what the engine serves (the CLI report and the speed and agreement
+measures use it); the engine adds scheduling, per-request sampling and streaming on top.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from inferpass.errors import InferpassError
-from inferpass.runtime.kv_cache import KVCache
+from inferpass.runtime.cache_pool import CachePool
+from inferpass.runtime.step_runner import StepRunner
 from inferpass.targets.base import Executable
 
 
@@ -56,16 +62,8 @@ def check_prompts(prompts: list[list[int]], vocab: int | None) -> list[list[int]
     return checked
 
 
-def _pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, : len(p)] = torch.tensor(p, dtype=torch.long)
-    return ids, torch.tensor([len(p) for p in prompts], dtype=torch.long)
-
-
 class Generator:
-    """Runs a decoder ``Executable``'s prefill and decode graphs over a runtime-owned ``KVCache``."""
+    """Runs a decoder ``Executable``'s prefill and decode graphs over a ``CachePool`` row per prompt."""
 
     def __init__(self, executable: Executable):
         program = executable.program
@@ -92,42 +90,41 @@ class Generator:
                                  f"cache positions; the program's max_len is {max_len} ({room})")
         return prompts
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
-        """Prefill a batch of prompts; return (logits [B, S_max, V] on the host, right-padded with zeros, the cache
-        on the executable's device, lengths).
+    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, CachePool, torch.Tensor]:
+        """Prefill a batch of prompts (row ``i`` of the returned pool holds prompt ``i``); return (logits
+        ``[B, S_max, V]`` on the host, right-padded with zeros, the pool, lengths).
 
-        Rows are prefilled in groups of equal prompt length, so every row's cache holds exactly
-        its prompt: nothing is written past a row's length (a padded token could otherwise
-        reach a cache that cannot take writes back, such as a quantized one).
+        Each run of neighbouring prompts of one length is prefilled in one call, so every row's
+        cache holds exactly its prompt: nothing is written past a row's length (a padded token
+        could otherwise reach a cache that cannot take writes back, such as a quantized one).
         """
-        ids, lengths = _pad(self.check_request(prompts, 1))
-        cache = KVCache(self.layout, len(prompts), self.executable.device)
-        cache.reserve(lengths)
-        logits = None
-        for length in sorted(set(lengths.tolist())):
-            rows = torch.nonzero(lengths == length).flatten()
-            whole = len(rows) == len(prompts)  # one length for all: no gather/scatter copies of the cache
-            start = cache.lengths[rows]
-            graph = self.program.graph_for(length)
-            out, *written = self.executable.run(graph, ids[rows, :length], start,
-                                                *(cache.tensors if whole else cache.rows(rows)))
-            if whole:
-                cache.advance(tuple(written), lengths)
-            else:
-                cache.advance_rows(rows, tuple(written), length)
-            out = out.cpu()
+        prompts = self.check_request(prompts, 1)
+        pool = CachePool(self.layout, len(prompts), self.executable.device)
+        runner = StepRunner(self.executable, pool)
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        for row in range(len(prompts)):
+            pool.acquire(row)
+        logits, first = None, 0
+        while first < len(prompts):
+            last = first + 1
+            while last < len(prompts) and len(prompts[last]) == len(prompts[first]):
+                last += 1
+            out = runner.prefill(first, torch.tensor(prompts[first:last], dtype=torch.long))
             if logits is None:
-                logits = out.new_zeros(len(prompts), ids.shape[1], out.shape[-1])
-            logits[rows, :length] = out
-        return logits, cache, lengths
+                logits = out.new_zeros(len(prompts), int(lengths.max()), out.shape[-1])
+            logits[first:last, : out.shape[1]] = out
+            first = last
+        for row in range(len(prompts)):
+            pool.start_decoding(row)
+        return logits, pool, lengths
 
-    def decode(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row; return logits ``[B, V]`` (on the host)."""
-        one = torch.ones(cache.batch, dtype=torch.long)
-        start = cache.reserve(one)
-        logits, *written = self.executable.run(self.program.graph_for(1), tokens.view(-1, 1), start, *cache.tensors)
-        cache.advance(tuple(written), one)
-        return logits[:, -1].cpu()
+    def decode(self, cache: CachePool, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row of ``cache`` (all decoding); return logits ``[B, V]`` (on the host)."""
+        if int(cache.lengths.max()) >= self.layout.max_len:
+            row = int(cache.lengths.argmax())
+            raise InferpassError(f"row {row} needs {int(cache.lengths[row]) + 1} cache positions but the program was "
+                                 f"captured with max_len={self.layout.max_len} (capture again with a larger --max-len)")
+        return StepRunner(self.executable, cache).decode(tokens.view(-1).tolist())
 
     def generate(
         self,

@@ -1,9 +1,12 @@
 """Iteration-level scheduling: requests join and leave the running batch at every step.
 
 Each step admits waiting requests while the cache pool has free rows (first come, first
-served), then plans one decode over every decoding row and one prefill chunk of at most
-``prefill_chunk`` tokens for the oldest prefilling request, so a long prompt never stalls
-the running decodes for more than one chunk.
+served), then plans one decode over every decoding row and prefill chunks of at most
+``prefill_chunk`` tokens for the prefilling requests, oldest first, while the step's tokens
+(one per decoding row, plus the chunks) stay within ``step_tokens`` — at least one chunk
+whenever a prompt is waiting, so prefill always progresses. A long prompt thus never stalls
+the running decodes for more than a step's budget, and a backlog of prompts is cleared in
+few steps (each decode step costs a fixed overhead however many rows it runs).
 """
 
 from __future__ import annotations
@@ -48,21 +51,20 @@ class Request:
 
 @dataclass
 class Step:
-    """What one engine step runs: a decode over ``decode`` (in row order) and a prefill chunk
-    ``prompt[start:end]`` of ``prefill``."""
+    """What one engine step runs: a decode over ``decode`` (in row order), then the prefill chunks
+    ``(request, start, end)`` (``request.prompt[start:end]``) in order."""
 
     decode: list[Request]
-    prefill: Request | None = None
-    start: int = 0
-    end: int = 0
+    prefills: list[tuple[Request, int, int]] = field(default_factory=list)
 
 
 class Scheduler:
     """Admission by free cache rows and the plan of each step (see module doc)."""
 
-    def __init__(self, pool: CachePool, prefill_chunk: int = 256):
+    def __init__(self, pool: CachePool, prefill_chunk: int = 256, step_tokens: int = 1024):
         self.pool = pool
         self.prefill_chunk = prefill_chunk
+        self.step_tokens = step_tokens
         self.waiting: deque[Request] = deque()
 
     def add(self, request: Request) -> None:
@@ -78,13 +80,18 @@ class Scheduler:
             request = self.waiting.popleft()
             self.pool.acquire(request)
             request.state = "prefill"
-        decode = list(self.pool.owners[: self.pool.decoding])
-        prefilling = self.pool.owners[self.pool.decoding: self.pool.used]
-        if not prefilling:
-            return Step(decode)
-        request = prefilling[0]
-        end = min(len(request.prompt), request.prefilled + self.prefill_chunk)
-        return Step(decode, request, request.prefilled, end)
+        step = Step(list(self.pool.owners[: self.pool.decoding]))
+        budget = self.step_tokens - len(step.decode)
+        for request in self.pool.owners[self.pool.decoding: self.pool.used]:
+            start = request.prefilled
+            while start < len(request.prompt) and (budget > 0 or not step.prefills):
+                end = min(len(request.prompt), start + self.prefill_chunk, start + max(budget, 1))
+                step.prefills.append((request, start, end))
+                budget -= end - start
+                start = end
+            if budget <= 0:
+                break
+        return step
 
     def remove(self, request: Request) -> None:
         """Take ``request`` out of the queue or free its row."""

@@ -1,11 +1,14 @@
-"""The step runner: one decode over the pool's decoding rows, or one prefill chunk of one row, through an
-``Executable``, choosing graphs by role and writing results back into the pool.
+"""The step runner: one decode over the pool's decoding rows, or one prefill chunk of a run of rows, through an
+``Executable``, choosing graphs by role and writing results back into the pool. The engine, the fixed-batch
+``Generator`` and bits-per-byte scoring all run their graphs through it.
 
-A decode runs on views of rows ``[0, n)``; where the layout accepts padding and the rows
-after them are free, it is padded to a power-of-two batch (static-shape targets compile
-one decode function per bucket; padded rows are free rows, so their writes are harmless).
-A prefill chunk runs on one row's view. Logits come back to the host. ``seconds`` adds up
-the time spent in target calls.
+A decode runs on views of rows ``[0, n)``; on a target that compiles per call shape, where the
+layout accepts padding and the rows after them are free, it is padded to a power-of-two batch
+(one decode function per bucket; padded rows are free rows, so their writes are harmless).
+A prefill chunk runs on the views of its rows. Logits come back to the host; the cache
+inputs are handed over (``Executable.step``), so targets that can write them in place do. ``seconds`` adds up
+the time spent in target calls, ``decode_s`` / ``prefill_s`` its split, ``decode_rows`` the rows decoded
+(so ``decode_rows / decodes`` is the mean decode batch).
 """
 
 from __future__ import annotations
@@ -30,27 +33,36 @@ class StepRunner:
         self.executable = executable
         self.program = executable.program
         self.pool = pool
-        self.seconds = 0.0
+        self.seconds = self.decode_s = self.prefill_s = 0.0
+        self.decodes = self.decode_rows = self.prefills = 0
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
         """Feed ``tokens[i]`` to decoding row ``i``; logits ``[n, V]``."""
         pool, count = self.pool, len(tokens)
-        padded = pool.layout.accepts_padding and pool.used == count
+        padded = self.executable.shape_specialized and pool.layout.accepts_padding and pool.used == count
         batch = decode_bucket(count, pool.rows) if padded else count
         ids = torch.zeros(batch, 1, dtype=torch.long)
         ids[:count, 0] = torch.tensor(tokens)
+        t0 = self.seconds
         logits = self._run(self.program.graph_for(1), ids, 0, batch, count, 1)
+        self.decode_s += self.seconds - t0
+        self.decodes, self.decode_rows = self.decodes + 1, self.decode_rows + count
         return logits[:count, -1]
 
-    def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
-        """Feed the chunk ``ids`` to ``row`` after its written positions; logits of its last token ``[V]``."""
-        logits = self._run(self.program.graph_for(len(ids)), torch.tensor([ids]), row, 1, 1, len(ids))
-        return logits[0, -1]
+    def prefill(self, first: int, ids: torch.Tensor) -> torch.Tensor:
+        """Feed ``ids`` ``[n, S]`` to rows ``[first, first + n)`` after their written positions; logits
+        ``[n, S, V]``."""
+        rows, tokens = ids.shape
+        t0 = self.seconds
+        logits = self._run(self.program.graph_for(tokens), ids, first, rows, rows, tokens)
+        self.prefill_s += self.seconds - t0
+        self.prefills += 1
+        return logits
 
     def _run(self, graph: str, ids: torch.Tensor, first: int, batch: int, count: int, tokens: int) -> torch.Tensor:
         start = self.pool.lengths[first:first + batch].clone()
         t0 = time.perf_counter()
-        logits, *written = self.executable.run(graph, ids, start, *self.pool.views(first, first + batch))
+        logits, *written = self.executable.step(graph, ids, start, *self.pool.views(first, first + batch))
         logits = logits.cpu()  # waits for the device
         self.seconds += time.perf_counter() - t0
         self.pool.write(first, count, tuple(written), tokens)

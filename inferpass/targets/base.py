@@ -25,6 +25,7 @@ class Executable(ABC):
     """A compiled program: ``run(graph, *inputs)`` returns the graph's outputs as a tuple."""
 
     device = torch.device("cpu")
+    shape_specialized = False  # True where each new call shape costs a compile: callers should reuse few shapes
 
     def __init__(self, program: Program):
         self.program = program
@@ -32,6 +33,11 @@ class Executable(ABC):
     @abstractmethod
     def run(self, graph: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Run graph ``graph`` on ``inputs``; outputs on ``self.device``; cache inputs may be written in place."""
+
+    def step(self, graph: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``run`` for a caller that hands its cache inputs over (the engine): the target may write them in place
+        and return them as the written caches even where ``run`` is functional. Default: ``run``."""
+        return self.run(graph, *inputs)
 
     def artifacts(self) -> dict[str, Path]:
         """Compiled files this executable used (name -> path), saved with the program so that loading it

@@ -15,8 +15,9 @@ A call on other cache tensors (a new generation, a subset of rows) drops the gra
 
 Weights move to the device once, shared between graphs. Outputs equal eager up to fp32
 rounding and the kernels' own contracts. ``CudaTarget(device="cpu")`` runs the same lowering
-with our ops' aten references, Inductor's CPU backend and no CUDA graphs: how the lowering is
-tested on machines without a GPU (the Triton ops themselves are tested in interpreter mode).
+with our ops' CPU kernels (called from the compiled code), Inductor's CPU backend and no CUDA graphs:
+how the lowering is tested on machines without a GPU (the Triton ops themselves are tested in
+interpreter mode), and what the ``inductor`` target's engine steps run.
 Importing this target registers our ops' CUDA kernels (``kernels.cuda_kernels``, imported by
 ``in_place_step``), so eager calls of our ops on CUDA tensors run the Triton kernels too.
 """
@@ -95,7 +96,8 @@ class CudaExecutable(ShapeSpecializedExecutable):
         weights = self.weights[graph]
         t0 = time.perf_counter()
         try:
-            module = in_place_step(self.program.graphs[graph], inputs, caches, triton=self.triton, device=self.device)
+            module = in_place_step(self.program.graphs[graph], inputs, caches, triton=self.triton, device=self.device,
+                                   kernels=not self.triton)
             with torch.no_grad():
                 compiled = torch._inductor.compile(module, [*weights, *inputs])
         except Exception as err:  # noqa: BLE001  (any lowering or compiler failure, named for the user)

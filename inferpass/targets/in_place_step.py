@@ -1,12 +1,14 @@
 """A graph as one flat step function that writes its caches in place, for compilers that keep cache memory.
 
-``in_place_step(ep, inputs, caches, triton=..., device=...)`` returns, for the shapes of ``inputs``,
+``in_place_step(ep, inputs, caches, triton=..., device=..., kernels=...)`` returns, for the shapes of ``inputs``,
 a module: ``module(*weights, *inputs)`` computes the graph with its weights, buffers and constants
 as leading arguments (like ``static_shapes.static_export``, nothing baked in) and:
 
 * every op of ours is replaced by its Triton op where one of our kernels takes it
-  (``cuda_kernels.triton_replacement``, when ``triton``) and otherwise decomposed to its aten
-  reference, so the module holds only aten ops and Triton ops;
+  (``cuda_kernels.triton_replacement``, when ``triton``); with ``kernels`` an op with a kernel
+  for ``device``'s type stays a call of that kernel (for Inductor, which calls it: on a CPU,
+  attention over the valid cache prefix only, where the reference reads and masks the whole
+  cache); every other op of ours is decomposed to its aten reference;
 * every ``scatter(x, dim, index, src)`` — how captured graphs write a cache — becomes the
   equivalent ``index_put`` with an index per dim: Inductor turns an ``index_put`` of a graph input
   that is copied back into that input into an in-place write of the new slots only, where a
@@ -92,7 +94,7 @@ def _place_on(graph: Graph, device: torch.device) -> None:
 
 
 def in_place_step(ep: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...], caches: int, *,
-                  triton: bool, device: torch.device) -> GraphModule:
+                  triton: bool, device: torch.device, kernels: bool = False) -> GraphModule:
     """``ep`` as a module for ``device`` at the shapes of ``inputs`` (its user inputs; see module doc):
     ``module(*weights, *inputs)``, ``weights`` the tensors of ``static_shapes.lifted_inputs(ep)``, returns the
     graph's outputs but the last ``caches``, which it writes into the last ``caches`` inputs instead."""
@@ -102,7 +104,7 @@ def in_place_step(ep: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, 
         _use_triton_ops(static.graph_module.graph)
         static.graph_module.recompile()
     with torch.no_grad():
-        static = static.run_decompositions(reference_decompositions())
+        static = static.run_decompositions(reference_decompositions(device.type if kernels else None))
     module = static.graph_module
     graph = module.graph
     for node in list(graph.nodes):

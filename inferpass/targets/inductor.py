@@ -8,6 +8,12 @@ our decode graph with a dynamic batch correctly at batch 1 only (index out of bo
 and a static function is what the other ahead-of-time target runs too. Compiling a shape takes
 tens of seconds on 2 cores; packages are cached on disk and carried by saved folders like the
 ``cpu`` target's. Outputs equal eager up to fp32 rounding.
+
+A graph that takes caches is compiled as an in-place step (``in_place_step``, as the cuda target:
+our ops' CPU kernels stay calls, so attention reads only the valid cache prefix; every cache
+write is an ``index_put`` copied back into its input, which Inductor turns into a write of the
+new slots only): ``run`` writes the caller's caches in place and returns them, so a decode step
+no longer copies every cache in and out.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from inferpass.ir.ops import reference_decompositions
 from inferpass.ir.program import Program
 from inferpass.targets.artifacts import ArtifactStore
 from inferpass.targets.base import register_target
+from inferpass.targets.in_place_step import in_place_step
 from inferpass.targets.static_shapes import (Function, StaticShapeExecutable, StaticShapeTarget, lifted_inputs,
                                               static_export)
 
@@ -32,26 +39,32 @@ class InductorExecutable(StaticShapeExecutable):
     suffix = ".pt2"
 
     def __init__(self, program: Program, store: ArtifactStore):
-        super().__init__(program, store, (torch.__version__, torch.backends.cpu.get_cpu_capability()))
+        super().__init__(program, store, (torch.__version__, torch.backends.cpu.get_cpu_capability(),
+                                          "caches written in place"))
         self.weights = {name: [t.detach() for _, t in lifted_inputs(ep, self.target)]
                         for name, ep in program.graphs.items()}
 
     def build(self, graph: str, inputs: tuple[torch.Tensor, ...]) -> bytes:
-        static = static_export(self.program.graphs[graph], inputs, self.target)
+        ep, caches = self.program.graphs[graph], len(self.program.cache_tensors(graph))
         with torch.no_grad():
-            static = static.run_decompositions(reference_decompositions())
+            if caches:
+                step = in_place_step(ep, inputs, caches, triton=False, device=self.device, kernels=True)
+                static = torch.export.export(step, (*self.weights[graph], *inputs), strict=False)
+            else:
+                static = static_export(ep, inputs, self.target).run_decompositions(reference_decompositions())
         with tempfile.TemporaryDirectory() as tmp:
             path = torch._inductor.aoti_compile_and_package(static, package_path=str(Path(tmp) / "graph.pt2"))
             return Path(path).read_bytes()
 
     def load(self, graph: str, path: Path) -> Function:
         runner = torch._inductor.aoti_load_package(str(path))
-        weights = self.weights[graph]
+        weights, caches = self.weights[graph], len(self.program.cache_tensors(graph))
 
         def call(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            written = [t if t.is_contiguous() else t.contiguous() for t in inputs[len(inputs) - caches:]]
             with torch.no_grad():
-                out = runner(*weights, *inputs)
-            return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+                out = runner(*weights, *inputs[:len(inputs) - caches], *written)
+            return (*(out if isinstance(out, (tuple, list)) else (out,)), *written)
 
         return call
 

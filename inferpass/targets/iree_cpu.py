@@ -6,9 +6,18 @@ dim fixed; custom ops decomposed to their aten references (``ir.ops.reference_de
 along with torch-mlir's own table; imported by torch-mlir as torch-dialect MLIR and compiled by
 IREE for ``llvm-cpu`` with the host's CPU features into a vmfb of tens of KB (no weights).
 
-The IREE runtime calls it with the weights as device arrays made once. Decode runs inline
-(``local-sync``: lowest latency for one token per row); prefill and encoder graphs run on a
-``local-task`` pool of as many workers as torch has threads. Static shapes because IREE runs
+A graph that takes caches is compiled as an in-place step (``in_place_step``: every cache write
+an ``index_put`` copied back into its input, imported by torch-mlir as a mutable argument that
+IREE writes through): the runtime hands IREE the caller's cache memory itself (imported as host
+buffers, no copy) and IREE writes the new positions there, so a decode step no longer copies
+every cache in and out. ``run`` then returns the cache inputs as the written caches (a
+non-contiguous cache input is written through a contiguous copy, which is returned instead).
+A graph with a ``uint8`` cache (kv-quant codes) stays functional: IREE 3.13 cannot convert a
+mutable unsigned argument (``ui8`` to its signless ``i8``).
+
+The IREE runtime calls it with the weights as device arrays made once, on a ``local-task``
+pool of as many workers as torch has threads (decode steps too: a batched step is twice as fast
+on two workers as inline). Static shapes because IREE runs
 them at eager speed and dynamic ones about 2× slower (and, imported with symbolic shapes,
 wrongly). Outputs equal eager up to fp32 rounding (IREE's fusion and reduction order).
 """
@@ -27,6 +36,7 @@ from inferpass.ir.ops import reference_decompositions
 from inferpass.ir.program import Program
 from inferpass.targets.artifacts import ArtifactStore, artifact_key
 from inferpass.targets.base import register_target
+from inferpass.targets.in_place_step import in_place_step
 from inferpass.targets.static_shapes import (Function, StaticShapeExecutable, StaticShapeTarget, lifted_inputs,
                                               static_export)
 
@@ -75,20 +85,26 @@ def _check_lowerable(ep: torch.export.ExportedProgram, graph: str) -> None:
                               "decomposition (register it with inferpass.ir.ops.define_op and a reference)")
 
 
-def lower_to_vmfb(ep: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...], graph: str) -> bytes:
+def lower_to_vmfb(ep: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...], graph: str,
+                  caches: int = 0) -> bytes:
     """Compile ``ep`` for the static shapes of ``inputs`` (user inputs only) into an IREE vmfb whose function
-    ``main`` takes the lifted weights, then the inputs."""
+    ``main`` takes the lifted weights, then the inputs; with ``caches``, the last ``caches`` inputs are written
+    in place (mutable arguments) and not returned."""
     import iree.compiler as ireec
     from torch_mlir import fx as torch_mlir_fx
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
-    _weights(ep)
+    weights = _weights(ep)
     table = {**get_decomposition_table(), **reference_decompositions()}
     static = static_export(ep, inputs, "cpu")
     with torch.no_grad():
         _check_lowerable(static.run_decompositions(table), graph)
+        if caches:
+            step = in_place_step(ep, inputs, caches, triton=False, device=torch.device("cpu"))
+            static = torch.export.export(step, (*weights, *inputs), strict=False)
     try:
-        mlir = torch_mlir_fx.export_and_import(static, output_type="raw", decomposition_table=table, func_name="main")
+        mlir = torch_mlir_fx.export_and_import(static, output_type="raw", decomposition_table=table, func_name="main",
+                                               experimental_support_mutation=bool(caches))
         return ireec.compile_str(str(mlir), target_backends=["llvm-cpu"], input_type="torch", extra_args=list(FLAGS))
     except Exception as err:  # torch-mlir and IREE report unsupported ops in their own exception types
         raise TargetError(f"target 'cpu': cannot compile the {graph} graph: {str(err).strip()[:2000]}") from err
@@ -106,22 +122,13 @@ class CpuExecutable(StaticShapeExecutable):
 
         _binding.disable_leak_checker()  # its report at interpreter exit is about nanobind's own type objects
         versions = [importlib.metadata.version(p) for p in ("iree-base-compiler", "torch-mlir")]
-        super().__init__(program, store, (versions, torch.__version__, FLAGS, host_cpu()))
+        super().__init__(program, store, (versions, torch.__version__, FLAGS, host_cpu(), "caches written in place"))
         self._rt = ireert
-        configs = {}  # driver -> (runtime config, weights on its device by tensor id)
-        self.weights, self.configs = {}, {}
-        for name, ep in program.graphs.items():
-            # one token per row (a decode step): run inline; other graphs use a task pool
-            driver = "local-sync" if program.roles[name].tokens == 1 else "local-task"
-            if driver not in configs:
-                if driver == "local-task":
-                    ireert.flags.parse_flags(f"--task_topology_max_group_count={torch.get_num_threads()}")
-                configs[driver] = (ireert.Config(driver), {})
-            config, device_weights = configs[driver]
-            self.configs[name] = config
-            self.weights[name] = [
-                device_weights.setdefault(id(t), ireert.asdevicearray(config.device, t.detach().numpy()))
-                for t in _weights(ep)]
+        ireert.flags.parse_flags(f"--task_topology_max_group_count={torch.get_num_threads()}")
+        self.config = ireert.Config("local-task")
+        on_device: dict[int, object] = {}  # weights on the device by tensor id, shared between graphs
+        self.weights = {name: [on_device.setdefault(id(t), ireert.asdevicearray(self.config.device, t.detach().numpy()))
+                               for t in _weights(ep)] for name, ep in program.graphs.items()}
         self.output_dtypes = {name: [n.meta["val"].dtype for n in ep.graph.output_node().args[0]]
                               for name, ep in program.graphs.items()}
 
@@ -130,21 +137,39 @@ class CpuExecutable(StaticShapeExecutable):
             if t.dtype not in _NUMPY_DTYPES:
                 raise TargetError(f"target 'cpu': {graph} graph input of dtype {t.dtype} is not supported "
                                   f"(supported: {_supported()})")
-        return lower_to_vmfb(self.program.graphs[graph], inputs, graph)
+        return lower_to_vmfb(self.program.graphs[graph], inputs, graph, self._in_place_caches(graph))
+
+    def _in_place_caches(self, graph: str) -> int:
+        """How many trailing inputs of ``graph`` are caches written in place (0: functional; see module doc)."""
+        tensors = self.program.cache_tensors(graph)
+        return 0 if any(t.torch_dtype() == torch.uint8 for t in tensors) else len(tensors)
 
     def load(self, graph: str, path: Path) -> Function:
-        config = self.configs[graph]
+        config = self.config
         module = self._rt.VmModule.mmap(config.vm_instance, str(path))
         main = self._rt.SystemContext(vm_modules=[module], config=config).modules.module["main"]
-        weights, dtypes = self.weights[graph], self.output_dtypes[graph]
+        weights, caches = self.weights[graph], self._in_place_caches(graph)
+        dtypes = self.output_dtypes[graph][: len(self.output_dtypes[graph]) - caches]
+        device = config.device
 
         def call(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            out = main(*weights, *[np.ascontiguousarray(t.numpy()) for t in inputs])
+            split = len(inputs) - caches
+            written = [t if t.is_contiguous() else t.contiguous() for t in inputs[split:]]
+            out = main(*weights, *[np.ascontiguousarray(t.numpy()) for t in inputs[:split]],
+                       *[self._in_place(device, t) for t in written])
             out = [torch.from_numpy(np.asarray(o.to_host())) for o in (out if isinstance(out, tuple) else (out,))]
             # IREE integers are signless: a uint8 result comes back as int8 with the same bits
-            return tuple(t if t.dtype == d else t.view(d) for t, d in zip(out, dtypes))
+            return (*(t if t.dtype == d else t.view(d) for t, d in zip(out, dtypes)), *written)
 
         return call
+
+    def _in_place(self, device, tensor: torch.Tensor):
+        """``tensor``'s memory as an IREE buffer view (no copy) that a call writes through."""
+        rt = self._rt
+        array = tensor.numpy()
+        buffer = device.allocator.import_host_allocation(array, rt.MemoryType.DEVICE_LOCAL | rt.MemoryType.HOST_VISIBLE,
+                                                         rt.BufferUsage.DEFAULT)
+        return rt.HalBufferView(buffer, array.shape, rt.array_interop.map_dtype_to_element_type(array.dtype))
 
 
 @register_target

@@ -97,6 +97,8 @@ class ShapeSpecializedExecutable(Executable):
     """Runs each call through a function specialized for its shapes, made on first use by ``specialize``;
     prefill calls go through the buckets of ``prefill_pieces``."""
 
+    shape_specialized = True
+
     def __init__(self, program: Program):
         super().__init__(program)
         self.functions: dict[tuple, Function] = {}
