@@ -151,7 +151,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=512, help="engine prefill chunk (tokens)")
     parser.add_argument("--step-tokens", type=int, default=1024, help="engine token budget per step")
     parser.add_argument("--hf-batch", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--no-kv-quant", action="store_true")
+    parser.add_argument("--kv-quant-targets", nargs="*", default=None,
+                        help="targets that also run the kv-quant program (default: all; none: no kv-quant)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -160,16 +161,21 @@ def main() -> None:
     max_len = max(len(r["prompt"]) + r["new"] for r in requests)
     program = capture(DEFAULT_MODEL, max_len=max_len)
     programs = {"exact": PassManager(Pipeline.parse(args.pipeline)).run(program).program}
-    if not args.no_kv_quant:
+    quantized = args.targets if args.kv_quant_targets is None else args.kv_quant_targets
+    if quantized:
         programs["kv-quant"] = PassManager(Pipeline.parse(KV_QUANT)).run(program).program
     model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, local_files_only=True, attn_implementation="sdpa",
                                                  dtype=torch.float32).eval()
     executables = {}
     for target in args.targets:
         for name, prog in programs.items():
+            if name == "kv-quant" and target not in quantized:
+                continue
             executable = executables[target, name] = get_target(target).compile(prog)
+            t0 = time.perf_counter()
             with console.status(f"warming up {target} {name}: every shape the requests need is compiled first"):
                 run_engine(executable, requests, args.rows, args.chunk, args.step_tokens, False)
+            console.print(f"warmed up {target} {name} in {time.perf_counter() - t0:.0f}s")
     rows = []
     for mode in ("at once", "poisson"):
         stream = mode == "poisson"

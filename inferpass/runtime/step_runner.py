@@ -2,9 +2,11 @@
 ``Executable``, choosing graphs by role and writing results back into the pool. The engine, the fixed-batch
 ``Generator`` and bits-per-byte scoring all run their graphs through it.
 
-A decode runs on views of rows ``[0, n)``; on a target that compiles per call shape, where the
-layout accepts padding and the rows after them are free, it is padded to a power-of-two batch
-(one decode function per bucket; padded rows are free rows, so their writes are harmless).
+A decode runs on views of rows ``[0, n)``; on a target that compiles per call shape it is padded
+to a power-of-two batch (one decode function per bucket) over rows whose writes are harmless:
+free rows (a row is cleared when acquired where the layout cannot take stale writes), and, where
+the layout accepts padding, prefilling rows (the padded step writes one slot past their length,
+hidden from every query until their next chunk overwrites it; their lengths do not move).
 A prefill chunk runs on the views of its rows. Logits come back to the host; the cache
 inputs are handed over (``Executable.step``), so targets that can write them in place do. ``seconds`` adds up
 the time spent in target calls, ``decode_s`` / ``prefill_s`` its split, ``decode_rows`` the rows decoded
@@ -39,8 +41,8 @@ class StepRunner:
     def decode(self, tokens: list[int]) -> torch.Tensor:
         """Feed ``tokens[i]`` to decoding row ``i``; logits ``[n, V]``."""
         pool, count = self.pool, len(tokens)
-        padded = self.executable.shape_specialized and pool.layout.accepts_padding and pool.used == count
-        batch = decode_bucket(count, pool.rows) if padded else count
+        spare = pool.rows - count if pool.layout.accepts_padding else pool.free if pool.used == count else 0
+        batch = min(decode_bucket(count, pool.rows), count + spare) if self.executable.shape_specialized else count
         ids = torch.zeros(batch, 1, dtype=torch.long)
         ids[:count, 0] = torch.tensor(tokens)
         t0 = self.seconds
