@@ -22,9 +22,9 @@ _IN_PLACE = {torch.ops.aten.scatter.src: torch.ops.aten.scatter_.src,
              torch.ops.aten.index_put.default: torch.ops.aten.index_put_.default}
 
 
-def _reads_before(user: Node, write: Node) -> bool:
-    """``user`` of a cache runs before ``write`` and keeps no view of it (so writing the cache after is safe)."""
-    order = {n: i for i, n in enumerate(write.graph.nodes)}
+def _reads_before(user: Node, write: Node, order: dict[Node, int]) -> bool:
+    """``user`` of a cache runs before ``write`` (``order``: node positions) and keeps no view of it (so writing
+    the cache after is safe)."""
     aliases = isinstance(user.target, torch._ops.OpOverload) and any(
         r.alias_info is not None for r in user.target._schema.returns)
     return order[user] < order[write] and not aliases
@@ -34,9 +34,10 @@ def write_caches_in_place(module: GraphModule, caches: int) -> GraphModule:
     """``module`` with each functional scatter into one of its last ``caches`` inputs made in place, where
     nothing reads that input after the write (see module doc)."""
     placeholders = [n for n in module.graph.nodes if n.op == "placeholder"][-caches:] if caches else []
+    order = {n: i for i, n in enumerate(module.graph.nodes)}
     for cache in placeholders:
         writes = [u for u in cache.users if u.target in _IN_PLACE and u.args[0] is cache]
-        if len(writes) == 1 and all(u is writes[0] or _reads_before(u, writes[0]) for u in cache.users):
+        if len(writes) == 1 and all(u is writes[0] or _reads_before(u, writes[0], order) for u in cache.users):
             writes[0].target = _IN_PLACE[writes[0].target]
     module.recompile()
     return module
