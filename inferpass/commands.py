@@ -145,6 +145,20 @@ def explain(run: PipelineRun) -> None:
             ", ".join(f"{k}={v}" for k, v in r.stats.items()),
         )
     console.print(table)
+    for i, r in enumerate(run.records, 1):
+        for title, rows in r.tables.items():
+            if rows:
+                console.print(rows_table(f"pass {i} ({r.spec}): {title}", rows))
+
+
+def rows_table(title: str, rows: list[dict]) -> Table:
+    """A rich table of ``rows`` (dicts with the same keys), floats to 4 significant digits."""
+    table = Table(title=title)
+    for col in rows[0]:
+        table.add_column(str(col), justify="right")
+    for row in rows:
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+    return table
 
 
 def output_diffs(baseline: Executable, optimized: Executable, seed: int) -> dict[str, float]:

@@ -3,6 +3,7 @@
 Standard library only: ``inferpass.cli`` shows these in ``--help`` before the heavy stack is imported.
 """
 
+import os
 from pathlib import Path
 
 DEFAULT_PIPELINES = {  # exact presets per model kind
@@ -13,3 +14,10 @@ TARGETS = ("eager", "cpu", "inductor", "cuda")  # the built-in targets, for --he
 MODELS = Path(__file__).parent / "models"
 DEFAULT_MODEL = MODELS / "default-lm"
 HELDOUT_TEXT = MODELS / "shakespeare-heldout.txt"
+CACHE_ENV = "INFERPASS_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """Where compiled artifacts and calibration results are kept: ``$INFERPASS_CACHE``, else
+    ``~/.cache/inferpass``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "inferpass")

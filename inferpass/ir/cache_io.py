@@ -20,7 +20,7 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 from inferpass.errors import UnsupportedModelError
-from inferpass.ir.graph_utils import fake_value, output_values, refresh, set_user_io, user_inputs
+from inferpass.ir.graph_utils import eliminate_dead_code, fake_value, output_values, refresh, set_user_io, user_inputs
 from inferpass.ir.program import DECODER_INPUTS, CacheTensor, Program
 
 
@@ -68,7 +68,7 @@ class CacheIO:
             raise UnsupportedModelError(f"{self.graph} graph: cache tensors {missing} have no input or no writer")
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         output.args = ((*self.leading_outputs, *(self.writes[n] for n in names)),)
-        graph.eliminate_dead_code()
+        eliminate_dead_code(graph)
         batch_source = self.fixed_inputs[0]
         for name, node in placeholders.items():
             if name in names:

@@ -9,6 +9,8 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.fx import Node
 
+from inferpass.ir.purity import is_pure
+
 aten = torch.ops.aten
 
 # Ops that return their input's value unchanged when dtype/device/shape do not change.
@@ -89,6 +91,21 @@ def output_values(ep: ExportedProgram) -> list[Node]:
     """The graph's output values, in signature order."""
     out = next(n for n in reversed(ep.graph.nodes) if n.op == "output")
     return list(out.args[0])
+
+
+def eliminate_dead_code(graph: torch.fx.Graph) -> None:
+    """Remove every unread node whose op is pure by mutation (``ir.purity``: unlike fx's default, unused
+    attention goes too), and the metadata checks (``aten._assert_tensor_metadata``) of values nothing else
+    reads, so a bypassed block or branch goes entirely. Exact: only unread values and checks on them go."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            check_only = node.target is aten._assert_tensor_metadata.default and all(
+                u.target is aten._assert_tensor_metadata.default for u in node.args[0].users)
+            if node.op == "call_function" and (check_only or (not node.users and is_pure(node))):
+                graph.erase_node(node)
+                changed = True
 
 
 def refresh(ep: ExportedProgram) -> ExportedProgram:

@@ -15,13 +15,14 @@ outputs, described by a ``CacheLayout`` so the runtime can allocate them and a p
 from __future__ import annotations
 
 import copy
+import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, PositiveInt
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt
 from torch.export import ExportedProgram
 
 BATCH = "batch"
@@ -91,7 +92,10 @@ class GraphRole(BaseModel):
     the graph takes after ``(input_ids, start)`` and returns after its outputs, in layout
     order; None = every tensor of the layout (encoders: none). ``outputs``: what the graph
     returns first, in order (``logits``, and e.g. ``hidden`` or ``exit_logits``). ``layers``:
-    the blocks it runs; None = all ``ModelInfo.num_layers``.
+    the blocks it runs; None = all ``ModelInfo.num_layers``. ``from_position``: a scheduled step
+    (SkipDecode): it serves rows whose next position is at least this, in place of the whole-cache
+    graph of its token count, over the caches of the layers it runs (see ``Program.schedule``);
+    None = not scheduled.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -99,6 +103,7 @@ class GraphRole(BaseModel):
     caches: tuple[str, ...] | None = None
     outputs: tuple[str, ...] = ("logits",)
     layers: tuple[int, ...] | None = None
+    from_position: NonNegativeInt | None = None
 
 
 PREFILL = GraphRole(tokens="any")
@@ -135,6 +140,14 @@ class ModelInfo(BaseModel):
             source=source,
             hf_config=config.to_dict(),
         )
+
+
+def copy_graph(ep: ExportedProgram) -> ExportedProgram:
+    """A copy of ``ep`` whose graph may be edited; weight and constant tensors are shared, not copied."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
+        memo = {id(t): t for t in list(ep.state_dict.values()) + list(ep.constants.values())}
+        return copy.deepcopy(ep, memo)
 
 
 @dataclass
@@ -185,21 +198,44 @@ class Program:
         raise KeyError(f"no graph of {self.info.architecture} runs {tokens or 'any number of'} tokens per row over the"
                        f" whole cache (roles: {', '.join(f'{n}: {r}' for n, r in self.roles.items())})")
 
+    def schedule(self, tokens: int) -> list[str]:
+        """The graphs serving ``tokens`` tokens per row by position: ``graph_for(tokens)`` (from position 0),
+        then the scheduled graphs of that count by ``from_position``; each runs a subset of the layers of
+        the one before (checked by ``ir.verify``), so a row moving down the list never needs KV an earlier
+        step skipped. A program without a schedule gives ``[graph_for(tokens)]``."""
+        staged = sorted((role.from_position, name) for name, role in self.roles.items()
+                        if role.from_position is not None and role.tokens == tokens)
+        return [self.graph_for(tokens), *(name for _, name in staged)]
+
+    def layers(self) -> list[int]:
+        """The blocks the program still has: those its whole-cache graph runs (all ``ModelInfo.num_layers``
+        unless a pass removed some)."""
+        role = self.roles[self.graph_for()]
+        return list(range(self.info.num_layers)) if role.layers is None else sorted(role.layers)
+
     def clone(self) -> "Program":
         """Copy graphs and metadata; weight and constant tensors are shared, not copied."""
-        graphs = {}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
-            for name, ep in self.graphs.items():
-                memo = {id(t): t for t in list(ep.state_dict.values()) + list(ep.constants.values())}
-                graphs[name] = copy.deepcopy(ep, memo)
         return Program(
             info=self.info.model_copy(deep=True),
-            graphs=graphs,
+            graphs={name: copy_graph(ep) for name, ep in self.graphs.items()},
             roles=dict(self.roles),
             cache=self.cache,
             applied=list(self.applied),
         )
+
+    def fingerprint(self) -> str:
+        """A hex digest of everything the graphs compute: their code, roles, cache layout and weight bytes
+        (equal fingerprints, equal outputs); for caching what is measured on a program."""
+        digest = hashlib.sha256()
+        for name, ep in sorted(self.graphs.items()):
+            digest.update(f"{name}|{self.roles[name].model_dump_json()}|{ep.graph_module.code}".encode())
+            for key, tensor in sorted({**ep.state_dict, **ep.constants}.items()):
+                if isinstance(tensor, torch.Tensor):
+                    data = tensor.detach().contiguous().cpu()
+                    digest.update(f"{key}|{data.dtype}|{tuple(data.shape)}".encode())
+                    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(self.cache.model_dump_json().encode() if self.cache else b"")
+        return digest.hexdigest()
 
     def parameter_count(self) -> int:
         """Distinct parameter elements across all graphs (shared weights counted once)."""

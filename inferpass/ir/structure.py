@@ -76,13 +76,14 @@ class MLPSite:
 
 @dataclass
 class BlockSite:
-    """One transformer block. ``index`` is the original layer number (kept after layers are removed)."""
+    """One transformer block. ``index`` is the original layer number (kept after layers are removed);
+    ``attention`` / ``mlp`` are None where the block has none (e.g. ``layer-skip`` dropped it)."""
 
     index: int
     scope: str
     input: Node
     output: Node
-    attention: AttentionSite
+    attention: AttentionSite | None
     mlp: MLPSite | None
     residual_adds: list[Node]
     nodes: list[Node]
@@ -276,12 +277,12 @@ def recover_structure(ep: ExportedProgram, hidden_size: int, cache: Sequence[Cac
         block_nodes = [n for n in nodes if in_scope(n, path)]
         children = _direct_children(block_nodes, path)
         attn = [p for p, cls in children.items() if "Attention" in cls]
-        if len(attn) != 1:
+        if len(attn) > 1:
             raise UnsupportedModelError(
                 f"block {index} ({path}, {classes[index]}): no single attention submodule among "
                 f"{sorted(f'{p} ({c})' for p, c in children.items())}"
             )
-        site = _attention_site(index, path, attn[0], block_nodes)
+        site = _attention_site(index, path, attn[0], block_nodes) if attn else None
         mlp_scopes = [p for p, cls in children.items() if _MLP_CLASS.search(cls) and p not in attn]
         mlp = None
         if mlp_scopes:
@@ -301,7 +302,7 @@ def recover_structure(ep: ExportedProgram, hidden_size: int, cache: Sequence[Cac
         for spec, value in zip(cache, outputs[leading_outputs:]):
             block = by_index.get(spec.layer)
             writer = skip_aliases(value)
-            if block is None or writer not in set(block.nodes):
+            if block is None or block.attention is None or writer not in set(block.nodes):
                 raise UnsupportedModelError(
                     f"cache tensor {spec.name} (layer {spec.layer}) is not written inside block {spec.layer}"
                 )

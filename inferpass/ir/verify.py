@@ -121,10 +121,33 @@ def check_interface(program: Program) -> None:
                                     f"cache layout in layout order ({names})")
     try:
         program.graph_for()
+        _check_schedules(program)
     except KeyError as exc:
         raise VerificationError(str(exc.args[0])) from None
     for name, ep in program.graphs.items():
         _check_io(name, ep, program)
+
+
+def _check_schedules(program: Program) -> None:
+    """Scheduled graphs (``GraphRole.from_position``): distinct start positions per token count, each graph
+    running a subset of the layers of the one before it (so no later token needs KV an earlier one skipped),
+    over exactly the caches of the layers it runs."""
+    for tokens in sorted({r.tokens for r in program.roles.values() if r.from_position is not None}, key=str):
+        names, previous = program.schedule(tokens), None
+        starts = [program.roles[n].from_position for n in names[1:]]
+        if len(set(starts)) != len(starts):
+            raise VerificationError(f"scheduled {tokens}-token graphs {names[1:]} share a start position {starts}")
+        for name in names:
+            role = program.roles[name]
+            layers = set(range(program.info.num_layers) if role.layers is None else role.layers)
+            if previous is not None and not layers <= previous[1]:
+                raise VerificationError(f"graph '{name}' runs layers {sorted(layers - previous[1])} that "
+                                        f"'{previous[0]}', which serves earlier positions, skips")
+            want = [t.name for t in program.cache.tensors if t.layer in layers]
+            if [t.name for t in program.cache_tensors(name)] != want:
+                raise VerificationError(f"graph '{name}' runs layers {sorted(layers)} but its caches are "
+                                        f"{[t.name for t in program.cache_tensors(name)]}, not {want}")
+            previous = (name, layers)
 
 
 def verify_program(program: Program) -> None:

@@ -2,6 +2,7 @@
 
 from inferpass.passes import generic  # noqa: F401  (registers dce, cse, drop-unused-params)
 from inferpass.passes import kv_quant  # noqa: F401  (registers kv-quant)
+from inferpass.passes import layer_skip  # noqa: F401  (registers layer-skip)
 from inferpass.passes import lean_attention  # noqa: F401  (registers lean-attention)
 from inferpass.passes.base import Pass, PassConfig, PassResult, get_pass, register_pass, registered_passes
 from inferpass.passes.manager import PassFailure, PassManager, PipelineRun

@@ -84,13 +84,18 @@ def select_graphs(program: Program, graphs: list[str] | None, pass_name: str) ->
 
 
 def select_layers(program: Program, layers: list[int] | None, pass_name: str) -> list[int]:
-    """The block indices ``layers`` selects (None = all of ``program``'s), checked against its layer count."""
-    count = program.info.num_layers
+    """The block indices ``layers`` selects (None = all ``program.layers()``), checked against them."""
+    present = program.layers()
     if layers is None:
-        return list(range(count))
+        return present
+    count = program.info.num_layers
     bad = [i for i in layers if not 0 <= i < count]
     if bad:
         raise PipelineError(f"pass '{pass_name}': layers {bad} out of range (the model has {count}: 0..{count - 1})")
+    removed = sorted(set(layers) - set(present))
+    if removed:
+        raise PipelineError(f"pass '{pass_name}': layers {removed} were removed by an earlier pass "
+                            f"(layers left: {present})")
     return sorted(set(layers))
 
 
@@ -114,11 +119,13 @@ def check_requirements(pass_: "Pass", kind: str, vocab_size: int | None, model: 
 
 @dataclass
 class PassResult:
-    """A pass's output program, whether it changed anything, and pass-specific figures for ``--explain``."""
+    """A pass's output program, whether it changed anything, and pass-specific figures for ``--explain``:
+    ``stats`` (name -> value) and ``tables`` (title -> rows, each a dict of column -> value)."""
 
     program: Program
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 class Pass(ABC):

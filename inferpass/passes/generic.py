@@ -9,7 +9,7 @@ from torch.fx.node import map_arg
 from inferpass.ir.graph_utils import refresh
 from inferpass.ir.program import Program
 from inferpass.passes.base import GraphSelection, Pass, PassResult, register_pass, select_graphs
-from inferpass.passes.purity import is_deterministic, is_pure
+from inferpass.ir.purity import is_deterministic, is_pure
 
 
 class _PerGraphPass(Pass):
@@ -32,7 +32,7 @@ class _PerGraphPass(Pass):
 
 @register_pass
 class DeadCodeElimination(_PerGraphPass):
-    """Remove unused nodes whose ops are pure by mutation (``passes.purity``), so unused SDPA goes too.
+    """Remove unused nodes whose ops are pure by mutation (``ir.purity``), so unused SDPA goes too.
 
     Source: classic DCE; fixes torch.fx's default, which keeps ``nondeterministic_seeded`` ops.
     Exact: only values nothing reads are removed.

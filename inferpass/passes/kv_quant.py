@@ -95,11 +95,12 @@ class KVQuant(Pass):
         by_layer = {}
         for t in program.cache.tensors:
             by_layer.setdefault(t.layer, {})[t.role] = t
-        layers = select_layers(program, self.config.layers, self.name)
+        with_kv = sorted(k for k, v in by_layer.items() if {'k', 'v'} <= set(v))
+        layers = with_kv if self.config.layers is None else select_layers(program, self.config.layers, self.name)
         for layer in layers:
             if set(by_layer.get(layer, {})) != {"k", "v"}:
                 raise UnsupportedModelError(f"pass '{self.name}': layer {layer} has no fp k/v cache to quantize "
-                                            f"(layers with one: {sorted(k for k, v in by_layer.items() if set(v) == {'k', 'v'})})")
+                                            f"(layers with one: {with_kv})")
             k = by_layer[layer]["k"]
             try:
                 heads, dim = int(k.shape[1]), int(k.shape[3])

@@ -77,8 +77,9 @@ class LeanAttention(Pass):
         start = user_inputs(ep)[1]
         count = 0
         for block in structure.blocks:
-            if block.attention.attention.target is not torch.ops.aten.scaled_dot_product_attention.default:
-                continue  # already rewritten (by this pass, or into another registered attention op)
+            if block.attention is None or \
+                    block.attention.attention.target is not torch.ops.aten.scaled_dot_product_attention.default:
+                continue  # no attention (layer-skip dropped it), or already rewritten (by this pass or another)
             site = cache_attention(program, block, start, f"{graph} graph, block {block.index} ({block.scope})")
             splits = op_count(self.config.splits)
             call = insert_like(site.attention, SPLIT_KV_ATTENTION.overload,

@@ -50,6 +50,7 @@ class PassRecord:
     nodes_delta: int
     parameters_delta: int
     cache_bytes_delta: int
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -163,6 +164,7 @@ class PassManager:
                 nodes_delta=after.node_count() - before.node_count(),
                 parameters_delta=after.parameter_count() - before.parameter_count(),
                 cache_bytes_delta=cache_bytes(after) - cache_bytes(before),
+                tables=result.tables,
             )
         )
         for inst in self.instruments:

@@ -4,7 +4,9 @@ Rows are ordered ``[decoding | prefilling | free]``: a decode step runs on the v
 ``tensor[:decoding]`` (no copy of any row in), a prefill chunk on one row's view. A row is
 a sequence slot of ``max_len`` positions, so an admitted request never runs out of room:
 admission by free rows is the whole of memory control. Moving a sequence between rows
-(when one finishes, or starts decoding) copies that one row. Lengths live on the host.
+(when one finishes, or starts decoding) copies that one row. Lengths live on the host, with each
+row's schedule stage: the furthest graph of a decode schedule (``Program.schedule``) it has run,
+which it never goes back from (the layers that graph skips have no KV for its later positions).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class CachePool:
         self.layout = layout
         self.tensors = layout.allocate(rows, device)
         self.lengths = torch.zeros(rows, dtype=torch.long)
+        self.stages = torch.zeros(rows, dtype=torch.long)
         self.owners: list[object | None] = [None] * rows
         self.decoding = 0  # rows [0, decoding) decode; [decoding, used) prefill; the rest are free
         self.used = 0
@@ -45,7 +48,7 @@ class CachePool:
             raise InferpassError(f"cache pool full: all {self.rows} rows are in use")
         row = self.used
         self.used += 1
-        self.owners[row], self.lengths[row] = owner, 0
+        self.owners[row], self.lengths[row], self.stages[row] = owner, 0, 0
         if not self.layout.accepts_padding:  # a cache that cannot take stale writes starts clean
             for t in self.tensors:
                 t[row].zero_()
@@ -69,7 +72,7 @@ class CachePool:
             self.decoding -= 1
         self._move(self.used - 1, row)
         self.used -= 1
-        self.owners[self.used], self.lengths[self.used] = None, 0
+        self.owners[self.used], self.lengths[self.used], self.stages[self.used] = None, 0, 0
 
     def truncate(self, owner: object, length: int) -> None:
         """Forget ``owner``'s positions from ``length`` on (where the layout supports rollback)."""
@@ -80,17 +83,20 @@ class CachePool:
             raise InferpassError(f"cannot truncate row {row} of length {int(self.lengths[row])} to {length}")
         self.lengths[row] = length
 
-    def views(self, first: int, last: int) -> list[torch.Tensor]:
-        """The cache tensors of rows ``[first, last)`` as views (no copy)."""
-        return [t[first:last] for t in self.tensors]
+    def views(self, first: int, last: int, tensors: list[int] | None = None) -> list[torch.Tensor]:
+        """Rows ``[first, last)`` of the cache tensors (those at layout positions ``tensors``; None = all) as
+        views (no copy)."""
+        return [self.tensors[i][first:last] for i in (range(len(self.tensors)) if tensors is None else tensors)]
 
-    def write(self, first: int, count: int, written: tuple[torch.Tensor, ...], tokens: int) -> None:
-        """Install the first ``count`` rows of what a step over rows ``[first, ...)`` returned (a padded step
-        returns more) and grow their lengths by ``tokens``; nothing is copied where the target wrote the
-        views in place."""
-        if len(written) != len(self.tensors):
-            raise InferpassError(f"step returned {len(written)} cache tensors, the layout has {len(self.tensors)}")
-        for full, new in zip(self.tensors, written):
+    def write(self, first: int, count: int, written: tuple[torch.Tensor, ...], tokens: int,
+              tensors: list[int] | None = None) -> None:
+        """Install the first ``count`` rows of what a step over rows ``[first, ...)`` returned for the cache
+        tensors at layout positions ``tensors`` (None = all; a padded step returns more rows) and grow their
+        lengths by ``tokens``; nothing is copied where the target wrote the views in place."""
+        targets = self.tensors if tensors is None else [self.tensors[i] for i in tensors]
+        if len(written) != len(targets):
+            raise InferpassError(f"step returned {len(written)} cache tensors, it takes {len(targets)}")
+        for full, new in zip(targets, written):
             view = full[first:first + count]
             if new.data_ptr() != view.data_ptr():
                 view.copy_(new[:count])
@@ -102,7 +108,7 @@ class CachePool:
             return
         for t in self.tensors:
             t[dst].copy_(t[src])
-        self.owners[dst], self.lengths[dst] = self.owners[src], self.lengths[src]
+        self.owners[dst], self.lengths[dst], self.stages[dst] = self.owners[src], self.lengths[src], self.stages[src]
 
     def _swap(self, a: int, b: int) -> None:
         if a == b:
@@ -113,3 +119,4 @@ class CachePool:
             t[b].copy_(held)
         self.owners[a], self.owners[b] = self.owners[b], self.owners[a]
         self.lengths[[a, b]] = self.lengths[[b, a]]
+        self.stages[[a, b]] = self.stages[[b, a]]

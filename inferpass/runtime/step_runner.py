@@ -7,7 +7,10 @@ to a power-of-two batch (one decode function per bucket) over rows whose writes 
 free rows (a row is cleared when acquired where the layout cannot take stale writes), and, where
 the layout accepts padding, prefilling rows (the padded step writes one slot past their length,
 hidden from every query until their next chunk overwrites it; their lengths do not move).
-A prefill chunk runs on the views of its rows. Logits come back to the host; the cache
+A prefill chunk runs on the views of its rows. Where the program has a decode schedule
+(SkipDecode, ``Program.schedule``) a step runs the graph of its furthest row's position, or of the
+furthest stage one of its rows has reached, over that graph's caches only (a batch-uniform budget
+that no row ever exceeds again). Logits come back to the host; the cache
 inputs are handed over (``Executable.step``), so targets that can write them in place do. ``seconds`` adds up
 the time spent in target calls, ``decode_s`` / ``prefill_s`` its split, ``decode_rows`` the rows decoded
 (so ``decode_rows / decodes`` is the mean decode batch).
@@ -15,10 +18,12 @@ the time spent in target calls, ``decode_s`` / ``prefill_s`` its split, ``decode
 
 from __future__ import annotations
 
+import bisect
 import time
 
 import torch
 
+from inferpass.errors import InferpassError
 from inferpass.runtime.cache_pool import CachePool
 from inferpass.targets.base import Executable
 
@@ -37,6 +42,8 @@ class StepRunner:
         self.pool = pool
         self.seconds = self.decode_s = self.prefill_s = 0.0
         self.decodes = self.decode_rows = self.prefills = 0
+        self._schedules: dict[int, list[str]] = {}
+        self._tensors: dict[str, list[int]] = {}
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
         """Feed ``tokens[i]`` to decoding row ``i``; logits ``[n, V]``."""
@@ -46,7 +53,7 @@ class StepRunner:
         ids = torch.zeros(batch, 1, dtype=torch.long)
         ids[:count, 0] = torch.tensor(tokens)
         t0 = self.seconds
-        logits = self._run(self.program.graph_for(1), ids, 0, batch, count, 1)
+        logits = self._run(ids, 0, batch, count)
         self.decode_s += self.seconds - t0
         self.decodes, self.decode_rows = self.decodes + 1, self.decode_rows + count
         return logits[:count, -1]
@@ -56,16 +63,38 @@ class StepRunner:
         ``[n, S, V]``."""
         rows, tokens = ids.shape
         t0 = self.seconds
-        logits = self._run(self.program.graph_for(tokens), ids, first, rows, rows, tokens)
+        logits = self._run(ids, first, rows, rows)
         self.prefill_s += self.seconds - t0
         self.prefills += 1
         return logits
 
-    def _run(self, graph: str, ids: torch.Tensor, first: int, batch: int, count: int, tokens: int) -> torch.Tensor:
+    def _run(self, ids: torch.Tensor, first: int, batch: int, count: int) -> torch.Tensor:
+        tokens = ids.shape[1]
         start = self.pool.lengths[first:first + batch].clone()
+        graph, stage = self._graph(tokens, first, count, int(start[:count].max()))
+        tensors = self._tensors.get(graph)
+        if tensors is None:
+            index = {t.name: i for i, t in enumerate(self.pool.layout.tensors)}
+            tensors = self._tensors[graph] = [index[t.name] for t in self.program.cache_tensors(graph)]
         t0 = time.perf_counter()
-        logits, *written = self.executable.step(graph, ids, start, *self.pool.views(first, first + batch))
+        logits, *written = self.executable.step(graph, ids, start, *self.pool.views(first, first + batch, tensors))
         logits = logits.cpu()  # waits for the device
         self.seconds += time.perf_counter() - t0
-        self.pool.write(first, count, tuple(written), tokens)
+        self.pool.write(first, count, tuple(written), tokens, tensors)
+        self.pool.stages[first:first + count] = stage
         return logits
+
+    def _graph(self, tokens: int, first: int, count: int, furthest: int) -> tuple[str, int]:
+        """The graph for a step of ``tokens`` over rows ``[first, first + count)`` whose furthest row is at
+        position ``furthest``, and its schedule stage: the stage of that position, or the furthest stage a
+        row has reached if later (rows never go back to more layers)."""
+        schedule = self._schedules.get(tokens)
+        if schedule is None:
+            schedule = self._schedules[tokens] = self.program.schedule(tokens)
+        starts = [self.program.roles[g].from_position for g in schedule[1:]]
+        reached = int(self.pool.stages[first:first + count].max())
+        stage = max(reached, bisect.bisect_right(starts, furthest))
+        if stage >= len(schedule):
+            raise InferpassError(f"rows {first}..{first + count - 1} skipped layers in scheduled decode steps and "
+                                 f"cannot run {tokens} tokens through all layers")
+        return schedule[stage], stage

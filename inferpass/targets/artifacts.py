@@ -16,12 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-CACHE_ENV = "INFERPASS_CACHE"
-
-
-def default_cache_dir() -> Path:
-    """``$INFERPASS_CACHE``, else ``~/.cache/inferpass``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "inferpass")
+from inferpass.defaults import default_cache_dir
 
 
 def artifact_key(*parts) -> str:

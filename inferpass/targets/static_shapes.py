@@ -182,7 +182,7 @@ class StaticShapeExecutable(ShapeSpecializedExecutable):
 
 class StaticShapeTarget(Target):
     """A target whose executables are ``executable`` instances over an ``ArtifactStore`` in ``cache_dir``
-    (default ``artifacts.default_cache_dir()``) that also reads the program folder's carried artifacts when
+    (default ``defaults.default_cache_dir()``) that also reads the program folder's carried artifacts when
     ``load_program`` trusted them (``Program.trusted_artifacts``)."""
 
     executable: type[StaticShapeExecutable]
