@@ -12,7 +12,7 @@ from inferpass.capture import capture
 from inferpass.ir.examples import example_inputs
 from inferpass.passes import Pipeline, get_pass
 from inferpass.passes.instruments import graph_text
-from inferpass.passes.purity import is_deterministic, is_pure
+from inferpass.ir.purity import is_deterministic, is_pure
 
 aten = torch.ops.aten
 

@@ -214,7 +214,8 @@ def _rewrite(program: Program, graph: str, removed: set[int], zeroed: set[int], 
     io = open_cache_io(program, graph)
     for block in reversed(structure.blocks):  # last first: a removed block's input may be the output of another
         if block.index in removed:
-            block.output.replace_all_uses_with(block.input)
+            for value in dict.fromkeys((block.output, skip_aliases(block.output))):  # later blocks may read either
+                value.replace_all_uses_with(block.input)
             for check in [n for n in block.nodes if n.target is aten._assert_tensor_metadata.default]:
                 program.graphs[graph].graph.erase_node(check)  # the block's dtype checks go with it
         elif block.index in zeroed:
