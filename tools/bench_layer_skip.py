@@ -8,7 +8,7 @@ blocks; ``random``: seeded), and for SkipDecode schedules of falling minimum bud
 bits/byte (``--context``-byte windows; schedules are scored one token per call so every position
 runs its scheduled graph), greedy agreement over ``--new`` tokens after ``--prompts`` held-out prompts
 of ``--prompt-len`` bytes, and decode tokens/s against the unmodified program on the same target,
-timed in alternating rounds (median ratio, with its spread). Every program runs the same exact
+timed in rounds alternating which runs first (median ratio, with its spread). Every program runs the same exact
 baseline pipeline (``--base``) first. Writes a table, ``layer_skip.json`` and ``layer_skip.png``.
 """
 
@@ -107,9 +107,10 @@ def main() -> None:
         got = Generator(ours).generate(prompts, args.new).tokens
         decode_seconds(ours, prompts, 4)  # warm-up
         ratios = []
-        for _ in range(args.rounds):
-            theirs, mine = decode_seconds(base, prompts, args.new), decode_seconds(ours, prompts, args.new)
-            ratios.append(theirs / mine)
+        for round_ in range(args.rounds):  # alternating which runs first, so neither gains from going second
+            pair = (base, ours) if round_ % 2 == 0 else (ours, base)
+            seconds = {id(e): decode_seconds(e, prompts, args.new) for e in pair}
+            ratios.append(seconds[id(base)] / seconds[id(ours)])
         stats = run.records[0].stats
         rows.append({"mode": mode, "rank": rank, "k": k, "skipped": stats.get("skipped", stats.get("stages")),
                      "bits_per_byte": bpb, "delta": delta, "agreement": agreement(want, got),
