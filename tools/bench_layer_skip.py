@@ -3,8 +3,8 @@
     python tools/bench_layer_skip.py [--ks 1 2 3 4] [--target eager] [--out bench-results]
 
 For ``blocks``, ``attention`` and ``ffn`` with k = 1 … 4 of the 8 blocks, each ranked three ways
-(``influence``: lowest Block Influence on calibration text the model generates; ``last``: the last k
-blocks; ``random``: seeded), and for SkipDecode schedules of falling minimum budgets: held-out
+(``influence``: lowest Block Influence on calibration text the model generates; ``ablation``: greedy,
+least rise of the calibration loss; ``last``: the last k blocks; ``random``: seeded), and for SkipDecode schedules of falling minimum budgets: held-out
 bits/byte (``--context``-byte windows; schedules are scored one token per call so every position
 runs its scheduled graph), greedy agreement over ``--new`` tokens after ``--prompts`` held-out prompts
 of ``--prompt-len`` bytes, and decode tokens/s against the unmodified program on the same target,
@@ -57,7 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--modes", nargs="+", default=["blocks", "attention", "ffn"])
-    parser.add_argument("--ranks", nargs="+", default=["influence", "last", "random"])
+    parser.add_argument("--ranks", nargs="+", default=["influence", "ablation", "last", "random"])
+    parser.add_argument("--schedule-ranks", nargs="+", default=["influence", "ablation", "first"])
     parser.add_argument("--schedules", nargs="+", default=["64:6", "64:5", "32:6,128:4", "64:4"],
                         help="SkipDecode budgets, position:layers pairs")
     parser.add_argument("--target", default="eager")
@@ -87,13 +88,13 @@ def main() -> None:
     decode_seconds(base, prompts, 4)  # warm-up
 
     settings = [(mode, rank, k) for mode in args.modes for k in args.ks for rank in args.ranks]
-    settings += [("schedule", "influence", s) for s in args.schedules]
+    settings += [("schedule", rank, s) for s in args.schedules for rank in args.schedule_ranks]
     rows = []
     started = time.perf_counter()
     for i, (mode, rank, k) in enumerate(settings):
         if mode == "schedule":
             budgets = "{" + ", ".join(f"{p}: {n}" for p, n in (pair.split(":") for pair in k.split(","))) + "}"
-            spec = f"layer-skip{{mode=schedule, budgets={budgets}}}"
+            spec = f"layer-skip{{mode=schedule, rank={rank}, budgets={budgets}}}"
         else:
             spec = f"layer-skip{{mode={mode}, rank={rank}, k={k}, seed={args.seed}}}"
         run = PassManager(Pipeline.parse(spec)).run(base_program)
@@ -142,10 +143,12 @@ def main() -> None:
             ax.plot([r["decode_speedup"] for r in pts], [r["delta"] for r in pts], "o-", label=rank)
         ax.set(title=f"{mode}: k = {args.ks}", xlabel="decode speed-up ×", ylabel="Δ bits/byte")
         ax.legend()
-    pts = [r for r in rows if r["mode"] == "schedule"]
-    axes[-1].plot([r["decode_speedup"] for r in pts], [r["delta"] for r in pts], "o-")
-    for r in pts:
-        axes[-1].annotate(str(r["k"]), (r["decode_speedup"], r["delta"]))
+    for rank in args.schedule_ranks:
+        pts = [r for r in rows if r["mode"] == "schedule" and r["rank"] == rank]
+        axes[-1].plot([r["decode_speedup"] for r in pts], [r["delta"] for r in pts], "o-", label=rank)
+        for r in pts:
+            axes[-1].annotate(str(r["k"]), (r["decode_speedup"], r["delta"]), fontsize=7)
+    axes[-1].legend()
     axes[-1].set(title="SkipDecode schedules", xlabel="decode speed-up ×", ylabel="Δ bits/byte (per-token)")
     fig.tight_layout()
     fig.savefig(args.out / "layer_skip.png", dpi=120)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -126,6 +127,20 @@ def _branch_points(block: BlockSite, where: str):
     middle = adds[0] if block.attention is not None and block.mlp is not None else \
         (block.output if block.mlp is None else block.input)
     return block.input, middle, block.output
+
+
+def calibration_bits(program: Program, tokens: torch.Tensor, batch: int = 8) -> float:
+    """Mean negative log2-likelihood of each next token of the windows ``tokens`` ``[rows, window]`` under
+    ``program``'s whole-sequence graph (fresh caches). On tokens the unmodified model generated, the rise
+    after a change estimates the KL divergence of the changed model from it."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for first in range(0, tokens.shape[0], batch):
+            ids = tokens[first:first + batch]
+            logits, _, _ = _run(program, program.graph_for(), ids[:, :-1], 0)
+            nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="sum")
+            total, count = total + float(nll), count + ids[:, 1:].numel()
+    return total / count / math.log(2)
 
 
 class _Sums:

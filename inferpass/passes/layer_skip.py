@@ -34,17 +34,18 @@ from typing import Literal
 import torch
 from pydantic import Field, PositiveInt, model_validator
 
+from inferpass import progress
 from inferpass.errors import PipelineError, UnsupportedModelError
 from inferpass.ir.cache_io import open_cache_io
 from inferpass.ir.graph_utils import skip_aliases
 from inferpass.ir.program import Program, copy_graph
 from inferpass.ir.structure import BlockSite, graph_structure
 from inferpass.passes.base import Pass, PassConfig, PassResult, register_pass, select_layers
-from inferpass.passes.block_influence import block_influence, calibration_tokens
+from inferpass.passes.block_influence import block_influence, calibration_bits, calibration_tokens
 
 aten = torch.ops.aten
 Mode = Literal["blocks", "attention", "ffn", "schedule"]
-Rank = Literal["influence", "last", "first", "random"]
+Rank = Literal["influence", "ablation", "last", "first", "random"]
 _PART = {"blocks": "block", "attention": "attention", "ffn": "mlp", "schedule": "block"}
 
 
@@ -119,8 +120,7 @@ class LayerSkip(Pass):
         if config.mode == "schedule" and len(program.schedule(1)) > 1:
             raise PipelineError(f"pass '{self.name}': the program already has a decode schedule "
                                 f"({', '.join(program.schedule(1)[1:])})")
-        candidates = self._candidates(program)
-        table = None
+        candidates, tables = self._candidates(program), {}
         if config.layers is not None:
             order = select_layers(program, config.layers, self.name)
             missing = sorted(set(order) - set(candidates))
@@ -129,9 +129,8 @@ class LayerSkip(Pass):
                                     f"(candidates: {candidates})")
         else:
             candidates = [i for i in candidates if i != 0]
-            order, table = self._order(program, candidates)
+            order, tables = self._order(program, candidates)
         stats = {"mode": config.mode, "rank": config.rank if config.layers is None else "explicit"}
-        tables = {"block influence": table.rows()} if table is not None else {}
         if config.mode == "schedule":
             stages = self._schedule(program, order)
             return PassResult(program, changed=bool(stages), stats={**stats, "stages": stages}, tables=tables)
@@ -153,28 +152,57 @@ class LayerSkip(Pass):
     def _count(self, candidates: int) -> int:
         return min(candidates, self.config.k if self.config.k is not None else round(self.config.fraction * candidates))
 
-    def _order(self, program: Program, candidates: list[int]):
-        """``candidates`` in skipping order, and the influence table when ranked by it."""
-        rank = self.config.rank
+    def _order(self, program: Program, candidates: list[int]) -> tuple[list[int], dict[str, list[dict]]]:
+        """``candidates`` in skipping order, and the tables behind it (for ``--explain``)."""
+        rank, cfg = self.config.rank, self.config
         if rank == "last":
-            return sorted(candidates, reverse=True), None
+            return sorted(candidates, reverse=True), {}
         if rank == "first":
-            return sorted(candidates), None
+            return sorted(candidates), {}
         if rank == "random":
             order = sorted(candidates)
-            random.Random(self.config.seed).shuffle(order)
-            return order, None
-        cfg, max_len = self.config, program.cache.max_len
-        steps = min(cfg.decode_steps, max_len // 2)  # a short cache takes shorter windows
-        tokens = calibration_tokens(program, cfg.calibration, cfg.calibration_tokens, min(cfg.window, max_len - steps),
-                                    cfg.seed)
+            random.Random(cfg.seed).shuffle(order)
+            return order, {}
+        steps = min(cfg.decode_steps, program.cache.max_len // 2)  # a short cache takes shorter windows
+        tokens = calibration_tokens(program, cfg.calibration, cfg.calibration_tokens,
+                                    min(cfg.window, program.cache.max_len - steps), cfg.seed)
         table = block_influence(program, tokens, decode_steps=steps)
-        phase = "decode" if cfg.mode == "schedule" else "prefill"
-        return [i for i in table.ranking(_PART[cfg.mode], phase) if i in candidates], table
+        tables = {"block influence": table.rows()}
+        if rank == "influence":
+            phase = "decode" if cfg.mode == "schedule" else "prefill"
+            return [i for i in table.ranking(_PART[cfg.mode], phase) if i in candidates], tables
+        present = len(program.layers())
+        count = max((present - b for b in cfg.budgets.values()), default=0) if cfg.mode == "schedule" else \
+            self._count(len(candidates))
+        order, tables["ablation"] = self._ablation_order(program, candidates, tokens, min(count, len(candidates)))
+        return order, tables
 
-    def _skip(self, program: Program, chosen: list[int]) -> None:
-        """Apply ``blocks`` / ``attention`` / ``ffn`` to the ``chosen`` blocks in every graph."""
-        mode = self.config.mode
+    def _ablation_order(self, program: Program, candidates: list[int], tokens, count: int):
+        """Greedy ablation: ``count`` times, skip the candidate whose skipping (on top of those already chosen)
+        raises the calibration loss least; the rest follow by their last loss. Returns the order and one row
+        per choice."""
+        mode = "blocks" if self.config.mode == "schedule" else self.config.mode
+        base, current, order, rows, scores = calibration_bits(program, tokens), program, [], [], {}
+        with progress.task(f"ranking {len(candidates)} blocks by ablation", total=count) as step:
+            for _ in range(count):
+                for i in (c for c in candidates if c not in order):
+                    trial = current.clone()
+                    self._skip(trial, [i], mode)
+                    scores[i] = calibration_bits(trial, tokens)
+                best = min((c for c in candidates if c not in order), key=lambda c: (scores[c], -c))
+                order.append(best)
+                loss = scores.pop(best)
+                rows.append({"skip": best, "calibration bits/token": loss, "Δ vs none": loss - base})
+                current = current.clone()
+                self._skip(current, [best], mode)
+                step.advance()
+        rest = [c for c in candidates if c not in order]
+        return order + sorted(rest, key=lambda c: (scores.get(c, 0.0), -c)), rows
+
+    def _skip(self, program: Program, chosen: list[int], mode: str | None = None) -> None:
+        """Apply ``mode`` (``blocks`` / ``attention`` / ``ffn``; default the config's) to the ``chosen`` blocks in
+        every graph."""
+        mode = mode or self.config.mode
         first = graph_structure(program, program.graph_for())
         removed = set(chosen) if mode == "blocks" else {  # dropping a block's last branch removes the block
             b.index for b in first.blocks if b.index in chosen and getattr(b, "mlp" if mode == "attention"

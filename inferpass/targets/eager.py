@@ -3,7 +3,9 @@
 ``run`` is functional, like the graphs. ``step`` (for a caller that hands over its caches, the
 engine) runs a copy of the graph in which every scatter that writes a cache input is done in
 place (``scatter_``), so a decode step writes its new positions only and returns the cache
-inputs themselves; a cache written any other way (the kv-quant append) stays functional.
+inputs themselves; a cache written any other way (the kv-quant append) stays functional. A step's
+inputs are the runtime's own (its pool's rows, its ids), so it skips the input-constraint check
+that ``run`` keeps (2 ms a call on a graph a pass rebuilt, which torch no longer checks inline).
 Exact: the same arithmetic; only where the written caches live changes.
 
 It never imports Triton: our ops run their CPU kernels, and on CUDA tensors their aten references unless
@@ -55,7 +57,9 @@ class EagerExecutable(Executable):
     def step(self, graph, *inputs):
         if graph not in self.in_place:
             caches = len(self.program.cache_tensors(graph))
-            self.in_place[graph] = write_caches_in_place(self.program.graphs[graph].module(), caches)
+            module = write_caches_in_place(self.program.graphs[graph].module(), caches)
+            module.validate_inputs = False  # the runtime's own tensors: skip the per-call shape-constraint check
+            self.in_place[graph] = module
         return self._call(self.in_place[graph], inputs)
 
     @staticmethod
