@@ -76,6 +76,7 @@ def random_prompts(vocab: int, count: int = 8, length: int = 16, seed: int = 0) 
 
 
 EVAL_CHUNK = 64  # tokens per call when scoring a changed cache: later chunks read what earlier ones cached
+STEP_EVAL_WINDOWS = 8  # windows scored one token per call (a decode schedule), as one batch
 
 
 def compare_decoders(
@@ -94,12 +95,19 @@ def compare_decoders(
     When the optimized program's cache layout differs from the baseline's, bits/byte feed each
     window ``EVAL_CHUNK`` tokens at a time through the cache (see ``program_bits_per_byte``) so
     what the new cache serves is measured; otherwise one prefill per window (the same figure, faster).
+    When it has a decode schedule (``Program.schedule``: e.g. ``layer-skip{mode=schedule}``), each of the
+    first ``STEP_EVAL_WINDOWS`` windows is fed one token per call, so every position runs the graph the
+    schedule gives it.
     """
-    chunk = EVAL_CHUNK if optimized.program.cache != baseline.program.cache else None
+    chunk, batch, label = EVAL_CHUNK if optimized.program.cache != baseline.program.cache else None, 4, ""
+    if text is not None and len(optimized.program.schedule(1)) > 1:  # a decode schedule acts one token per step
+        chunk, batch, text = 1, STEP_EVAL_WINDOWS, text[:STEP_EVAL_WINDOWS * context + 1]
+        label = f" (one token per step, first {len(text):,} bytes)"
     rows = []
     if text is not None:
-        rows.append(Row("held-out bits/byte", program_bits_per_byte(baseline, text, context=context, chunk=chunk),
-                        program_bits_per_byte(optimized, text, context=context, chunk=chunk), "lower"))
+        rows.append(Row(f"held-out bits/byte{label}",
+                        program_bits_per_byte(baseline, text, context=context, chunk=chunk, batch=batch),
+                        program_bits_per_byte(optimized, text, context=context, chunk=chunk, batch=batch), "lower"))
     rows.append(Row("greedy agreement", 1.0, greedy_agreement(baseline, optimized, prompts, new_tokens), "higher",
                     "{:.3f}"))
     speeds = decoder_speeds([baseline, optimized], prompts, new_tokens, budget_s=budget_s)
