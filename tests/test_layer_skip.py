@@ -14,6 +14,7 @@ from inferpass.errors import InferpassError, PipelineError
 from inferpass.ir.serialize import load_program, save_program
 from inferpass.passes import PassManager, Pipeline
 from inferpass.passes import block_influence as influence_module
+from inferpass.runtime.engine import Engine
 from inferpass.runtime.generator import Generator
 from inferpass.runtime.step_runner import StepRunner
 from inferpass.targets import get_target
@@ -150,6 +151,27 @@ def test_a_row_never_goes_back_to_more_layers_when_batched_with_longer_rows():
     assert pool.stages.tolist()[:1] == [1] and int(pool.lengths[0]) == 5
     with pytest.raises(InferpassError, match="skipped layers in scheduled decode steps"):
         StepRunner(gen.executable, pool).prefill(0, torch.tensor([[1, 2]]))
+
+
+def test_a_schedule_survives_save_load_and_serves_an_engine_with_requests_joining_mid_flight(tmp_path):
+    program = _run(capture(tiny_decoder("llama", layers=3, seed=8), max_len=40),
+                   "layer-skip{mode=schedule, rank=last, budgets={6: 2, 12: 1}}").program
+    save_program(program, tmp_path / "s")
+    loaded = load_program(tmp_path / "s")
+    assert loaded.schedule(1) == program.schedule(1) and loaded.roles == program.roles
+    prompts = [list(range(1, 9)), [3, 4]]
+    assert torch.equal(trace(loaded, prompts, 12), trace(program, prompts, 12))
+    engine = Engine(get_target("eager").compile(loaded), rows=3, prefill_chunk=4)
+    requests = [engine.submit(prompt, {"max_new_tokens": 10}) for prompt in ([5] * 9, [7, 8], list(range(20)))]
+    engine.step()
+    requests.append(engine.submit([1, 2, 3], {"max_new_tokens": 6}))  # joins while the others decode
+    reached = {}
+    for _ in engine.stream():
+        for row, owner in enumerate(engine.pool.owners[:engine.pool.used]):
+            stage = int(engine.pool.stages[row])
+            assert stage >= reached.get(id(owner), 0)  # a request never goes back to more layers
+            reached[id(owner)] = stage
+    assert max(reached.values()) == 2 and engine.pool.used == 0 and [len(r.tokens) for r in requests] == [10, 10, 10, 6]
 
 
 def test_ranking_protection_calibration_cache_and_explain_table(monkeypatch, tmp_path):
