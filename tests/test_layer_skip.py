@@ -1,6 +1,5 @@
 """layer-skip: identity, equality with zeroed branches, cache consistency, SkipDecode schedules, ranking, errors."""
 
-import copy
 import functools
 
 import pytest
@@ -11,6 +10,8 @@ from factories import DECODER_FAMILIES, decoder_configs, tiny_decoder
 from traces import trace
 from inferpass.capture import capture
 from inferpass.errors import InferpassError, PipelineError
+from inferpass.eval.quality import program_bits_per_byte
+from inferpass.eval.report import compare_decoders
 from inferpass.ir.serialize import load_program, save_program
 from inferpass.passes import PassManager, Pipeline
 from inferpass.passes import block_influence as influence_module
@@ -26,16 +27,18 @@ def _run(program, text):
     return PassManager(Pipeline.parse(text)).run(program.clone())
 
 
-def _zeroed(model, family: str, layer: int, mode: str):
-    """A copy of ``model`` whose block ``layer`` adds nothing through ``mode``'s residual branches."""
-    model = copy.deepcopy(model)
-    block = model.transformer.h[layer] if family == "gpt2" else model.model.layers[layer]
-    attention = block.attn.c_proj if family == "gpt2" else block.self_attn.o_proj
-    mlp = block.mlp.c_proj if family == "gpt2" else block.mlp.down_proj
-    for module in {"blocks": (attention, mlp), "attention": (attention,), "ffn": (mlp,)}[mode]:
-        for param in module.parameters():
-            param.data.zero_()
-    return model
+def _zeroed(program, family: str, layer: int, mode: str):
+    """A copy of ``program`` whose block ``layer`` adds nothing through ``mode``'s residual branches: the
+    branches' output projections (weight and bias) replaced by zeros."""
+    block = f"model.transformer.h.{layer}." if family == "gpt2" else f"model.model.layers.{layer}."
+    attention, mlp = ("attn.c_proj.", "mlp.c_proj.") if family == "gpt2" else ("self_attn.o_proj.", "mlp.down_proj.")
+    prefixes = [block + part for part in {"blocks": (attention, mlp), "attention": (attention,), "ffn": (mlp,)}[mode]]
+    zeroed = program.clone()
+    for ep in zeroed.graphs.values():
+        for name, weight in ep.state_dict.items():
+            if name.startswith(tuple(prefixes)):
+                ep.state_dict[name] = torch.nn.Parameter(torch.zeros_like(weight), requires_grad=False)
+    return zeroed
 
 
 @given(config=decoder_configs(), mode=st.sampled_from((*MODES, "schedule")), data=st.data())
@@ -55,9 +58,9 @@ def test_skipping_nothing_is_bit_identical(config, mode, data):
 @settings(max_examples=6, deadline=None)
 def test_skipping_equals_zeroing_the_residual_branches(family, layers, mode, seed, data):
     layer = data.draw(st.integers(0, layers - 1))
-    model = tiny_decoder(family, layers=layers, group=1 if family == "gpt2" else 2, seed=seed)
-    skipped = _run(capture(model, max_len=24), f"layer-skip{{mode={mode}, layers=[{layer}]}}").program
-    reference = capture(_zeroed(model, family, layer, mode), max_len=24)
+    program = capture(tiny_decoder(family, layers=layers, group=1 if family == "gpt2" else 2, seed=seed), max_len=24)
+    skipped = _run(program, f"layer-skip{{mode={mode}, layers=[{layer}]}}").program
+    reference = _zeroed(program, family, layer, mode)
     prompts = [data.draw(st.lists(st.integers(0, 63), min_size=1, max_size=6)) for _ in range(2)]
     assert torch.equal(trace(skipped, prompts, 6), trace(reference, prompts, 6))
     kept = {t.layer for t in skipped.cache.tensors}
@@ -105,6 +108,11 @@ def test_every_mode_composes_with_lean_attention_and_kv_quant_in_either_order(mo
         torch.testing.assert_close(first, alone, atol=atol, rtol=0)
 
 
+@functools.cache
+def _schedule_base():
+    return capture(tiny_decoder("llama", layers=4, seed=2), max_len=32)
+
+
 @given(budgets=st.lists(st.integers(1, 4), min_size=1, max_size=3), data=st.data())
 @settings(max_examples=4, deadline=None)
 def test_schedules_are_monotone_and_every_layer_a_token_runs_has_kv_for_earlier_positions(budgets, data):
@@ -113,8 +121,8 @@ def test_schedules_are_monotone_and_every_layer_a_token_runs_has_kv_for_earlier_
                                           unique=True)))
     spec = ", ".join(f"{p}: {b}" for p, b in zip(positions, budgets))
     rank = data.draw(st.sampled_from(["first", "last", "random"]))
-    program = _run(capture(tiny_decoder("llama", layers=4, seed=2), max_len=32),
-                   f"layer-skip{{mode=schedule, rank={rank}, budgets={{{spec}}}}},lean-attention").program
+    program = _run(_schedule_base(), f"layer-skip{{mode=schedule, rank={rank}, budgets={{{spec}}}}},lean-attention"
+                   ).program
     schedule = program.schedule(1)
     layers = [set(program.roles[g].layers or range(4)) for g in schedule]
     assert all(later <= earlier for earlier, later in zip(layers, layers[1:]))  # monotone
@@ -172,6 +180,19 @@ def test_a_schedule_survives_save_load_and_serves_an_engine_with_requests_joinin
             assert stage >= reached.get(id(owner), 0)  # a request never goes back to more layers
             reached[id(owner)] = stage
     assert max(reached.values()) == 2 and engine.pool.used == 0 and [len(r.tokens) for r in requests] == [10, 10, 10, 6]
+
+
+def test_the_report_scores_a_schedule_one_token_per_step():
+    program = capture(tiny_decoder("llama", layers=3, vocab=256, seed=9), max_len=32)
+    scheduled = _run(program, "layer-skip{mode=schedule, rank=last, budgets={4: 1}}").program
+    base, ours = get_target("eager").compile(program), get_target("eager").compile(scheduled)
+    text = bytes(range(32, 127)) * 4
+    report = compare_decoders(base, ours, prompts=[[1, 2, 3]] * 2, new_tokens=4, text=text, context=32,
+                              budget_s=0.5)
+    row = report.rows[0]
+    assert row.metric == "held-out bits/byte (one token per step, first 257 bytes)"
+    assert row.optimized == pytest.approx(program_bits_per_byte(ours, text[:257], context=32, chunk=1, batch=8))
+    assert row.optimized != pytest.approx(program_bits_per_byte(ours, text[:257], context=32))  # prefill: no skip
 
 
 def test_ranking_protection_calibration_cache_and_explain_table(monkeypatch, tmp_path):
