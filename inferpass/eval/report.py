@@ -99,15 +99,14 @@ def compare_decoders(
     first ``STEP_EVAL_WINDOWS`` windows is fed one token per call, so every position runs the graph the
     schedule gives it.
     """
-    chunk, batch, label = EVAL_CHUNK if optimized.program.cache != baseline.program.cache else None, 4, ""
+    scoring, label = {"chunk": EVAL_CHUNK if optimized.program.cache != baseline.program.cache else None}, ""
     if text is not None and len(optimized.program.schedule(1)) > 1:  # a decode schedule acts one token per step
-        chunk, batch, text = 1, STEP_EVAL_WINDOWS, text[:STEP_EVAL_WINDOWS * context + 1]
+        scoring, text = {"chunk": 1, "batch": STEP_EVAL_WINDOWS}, text[:STEP_EVAL_WINDOWS * context + 1]
         label = f" (one token per step, first {len(text):,} bytes)"
     rows = []
     if text is not None:
-        rows.append(Row(f"held-out bits/byte{label}",
-                        program_bits_per_byte(baseline, text, context=context, chunk=chunk, batch=batch),
-                        program_bits_per_byte(optimized, text, context=context, chunk=chunk, batch=batch), "lower"))
+        rows.append(Row(f"held-out bits/byte{label}", program_bits_per_byte(baseline, text, context=context, **scoring),
+                        program_bits_per_byte(optimized, text, context=context, **scoring), "lower"))
     rows.append(Row("greedy agreement", 1.0, greedy_agreement(baseline, optimized, prompts, new_tokens), "higher",
                     "{:.3f}"))
     speeds = decoder_speeds([baseline, optimized], prompts, new_tokens, budget_s=budget_s)

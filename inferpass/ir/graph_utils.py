@@ -93,19 +93,21 @@ def output_values(ep: ExportedProgram) -> list[Node]:
     return list(out.args[0])
 
 
-def eliminate_dead_code(graph: torch.fx.Graph) -> None:
+def eliminate_dead_code(graph: torch.fx.Graph, *, checks: bool = True) -> int:
     """Remove every unread node whose op is pure by mutation (``ir.purity``: unlike fx's default, unused
-    attention goes too), and the metadata checks (``aten._assert_tensor_metadata``) of values nothing else
-    reads, so a bypassed block or branch goes entirely. Exact: only unread values and checks on them go."""
-    changed = True
+    attention goes too) and, with ``checks``, the metadata checks (``aten._assert_tensor_metadata``) of
+    values nothing else reads, so a bypassed block or branch goes entirely; the number of nodes removed.
+    Exact: only unread values and checks on them go."""
+    removed, changed = 0, True
     while changed:
         changed = False
         for node in reversed(list(graph.nodes)):
-            check_only = node.target is aten._assert_tensor_metadata.default and all(
+            check_only = checks and node.target is aten._assert_tensor_metadata.default and all(
                 u.target is aten._assert_tensor_metadata.default for u in node.args[0].users)
             if node.op == "call_function" and (check_only or (not node.users and is_pure(node))):
                 graph.erase_node(node)
-                changed = True
+                removed, changed = removed + 1, True
+    return removed
 
 
 def refresh(ep: ExportedProgram) -> ExportedProgram:

@@ -207,11 +207,15 @@ class Program:
                         if role.from_position is not None and role.tokens == tokens)
         return [self.graph_for(tokens), *(name for _, name in staged)]
 
+    def graph_layers(self, graph: str) -> list[int]:
+        """The blocks ``graph`` runs, ascending: its role's ``layers``, or all ``ModelInfo.num_layers``."""
+        layers = self.roles[graph].layers
+        return list(range(self.info.num_layers)) if layers is None else sorted(layers)
+
     def layers(self) -> list[int]:
         """The blocks the program still has: those its whole-cache graph runs (all ``ModelInfo.num_layers``
         unless a pass removed some)."""
-        role = self.roles[self.graph_for()]
-        return list(range(self.info.num_layers)) if role.layers is None else sorted(role.layers)
+        return self.graph_layers(self.graph_for())
 
     def clone(self) -> "Program":
         """Copy graphs and metadata; weight and constant tensors are shared, not copied."""

@@ -87,6 +87,19 @@ class BlockSite:
     mlp: MLPSite | None
     residual_adds: list[Node]
     nodes: list[Node]
+    residual_streams: list[Node] = field(default_factory=list)
+
+    def residual_branch(self, branch: str, where: str) -> tuple[Node, Node]:
+        """``(add, stream)`` of ``branch`` (``attention`` or ``mlp``): the residual add that joins the branch
+        to the stream, and its operand that is the stream. Raises ``UnsupportedModelError`` naming ``where``
+        unless there is one add per branch present (parallel-residual blocks have fewer)."""
+        present = [b for b in ("attention", "mlp") if getattr(self, b) is not None]
+        if len(self.residual_adds) != len(present) or branch not in present:
+            raise UnsupportedModelError(f"{where}: expected one residual add per branch ({', '.join(present)}), "
+                                        f"found {len(self.residual_adds)} (parallel-residual blocks are not "
+                                        "supported)")
+        index = present.index(branch)
+        return self.residual_adds[index], self.residual_streams[index]
 
 
 @dataclass
@@ -235,16 +248,20 @@ def _block_io(index: int, path: str, nodes: list[Node], hidden_size: int) -> tup
     return ins[0], out
 
 
-def _residual_adds(block_input: Node, nodes: list[Node]) -> list[Node]:
-    stream, adds = {block_input}, []
+def _residual_adds(block_input: Node, nodes: list[Node]) -> tuple[list[Node], list[Node]]:
+    """The block's residual adds in order, and the operand of each that is the residual stream (the
+    block input, an earlier add, or a post-norm of one)."""
+    stream, adds, streams = {block_input}, [], []
     for n in nodes:
-        operands = [skip_aliases(a) for a in n.args if isinstance(a, Node)]
+        args = [a for a in n.args if isinstance(a, Node)]
+        operands = [skip_aliases(a) for a in args]
         if n.target == aten.add.Tensor and len(operands) == 2 and sum(o in stream for o in operands) == 1:
             adds.append(n)
+            streams.append(next(a for a, o in zip(args, operands) if o in stream))
             stream.add(n)
         elif n.target in _POST_NORM_TARGETS and operands and operands[0] in adds:
             stream.add(n)
-    return adds
+    return adds, streams
 
 
 def _ancestor_ops(node: Node, stop: set[Node]) -> list[Node]:
@@ -291,9 +308,8 @@ def recover_structure(ep: ExportedProgram, hidden_size: int, cache: Sequence[Cac
             leaving = [n for n in mlp_nodes if any(u not in members for u in n.users)]
             mlp = MLPSite(mlp_scopes, mlp_nodes, leaving[-1])
         block_in, block_out = _block_io(index, path, block_nodes, hidden_size)
-        blocks.append(
-            BlockSite(index, path, block_in, block_out, site, mlp, _residual_adds(block_in, block_nodes), block_nodes)
-        )
+        adds, streams = _residual_adds(block_in, block_nodes)
+        blocks.append(BlockSite(index, path, block_in, block_out, site, mlp, adds, block_nodes, streams))
 
     outputs = output_values(ep)
     head = skip_aliases(outputs[0])

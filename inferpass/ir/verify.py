@@ -18,13 +18,12 @@ def check_structure(program: Program) -> dict[str, ModelStructure]:
     structures = {}
     for name in program.graphs:
         structure = graph_structure(program, name)
-        layers = program.roles[name].layers
-        expected = list(range(program.info.num_layers)) if layers is None else sorted(layers)
+        expected, named = program.graph_layers(name), program.roles[name].layers is not None
         found = [b.index for b in structure.blocks]
         if len(found) != len(expected):
             raise VerificationError(
                 f"graph '{name}': {len(found)} blocks recovered but its role runs {len(expected)} "
-                f"(layers {expected if layers is not None else f'0..{program.info.num_layers - 1}'})"
+                f"(layers {expected if named else f'0..{program.info.num_layers - 1}'})"
             )
         structures[name] = structure
     return structures
@@ -138,8 +137,7 @@ def _check_schedules(program: Program) -> None:
         if len(set(starts)) != len(starts):
             raise VerificationError(f"scheduled {tokens}-token graphs {names[1:]} share a start position {starts}")
         for name in names:
-            role = program.roles[name]
-            layers = set(range(program.info.num_layers) if role.layers is None else role.layers)
+            layers = set(program.graph_layers(name))
             if previous is not None and not layers <= previous[1]:
                 raise VerificationError(f"graph '{name}' runs layers {sorted(layers - previous[1])} that "
                                         f"'{previous[0]}', which serves earlier positions, skips")

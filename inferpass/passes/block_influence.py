@@ -24,7 +24,7 @@ import torch
 
 from inferpass import progress
 from inferpass.defaults import default_cache_dir
-from inferpass.errors import PipelineError, UnsupportedModelError
+from inferpass.errors import PipelineError
 from inferpass.ir.probes import probe
 from inferpass.ir.program import CacheLayout, Program
 from inferpass.ir.structure import BlockSite, graph_structure
@@ -119,14 +119,11 @@ def _run(program: Program, graph: str, ids: torch.Tensor, start: int, caches=Non
 
 def _branch_points(block: BlockSite, where: str):
     """``(input, after attention, output)`` nodes of ``block``."""
-    adds = block.residual_adds
-    branches = (block.attention is not None) + (block.mlp is not None)
-    if len(adds) != branches or branches == 0:
-        raise UnsupportedModelError(f"{where}: expected one residual add per branch (attention, then MLP), "
-                                    f"found {len(adds)} for {branches} branches")
-    middle = adds[0] if block.attention is not None and block.mlp is not None else \
-        (block.output if block.mlp is None else block.input)
-    return block.input, middle, block.output
+    if block.attention is None:
+        block.residual_branch("mlp", where)  # checks the block's residual adds
+        return block.input, block.input, block.output
+    after_attention, _ = block.residual_branch("attention", where)
+    return block.input, after_attention if block.mlp is not None else block.output, block.output
 
 
 def calibration_bits(program: Program, tokens: torch.Tensor, batch: int = 8) -> float:
@@ -148,7 +145,6 @@ class _Sums:
 
     def __init__(self):
         self.sums: dict[int, dict[str, float]] = {}
-        self.count = 0
 
     def add(self, block: int, x_in, x_mid, x_out) -> None:
         def bi(a, b):

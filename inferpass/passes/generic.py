@@ -6,10 +6,10 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.fx.node import map_arg
 
-from inferpass.ir.graph_utils import refresh
+from inferpass.ir.graph_utils import eliminate_dead_code, refresh
 from inferpass.ir.program import Program
+from inferpass.ir.purity import is_deterministic
 from inferpass.passes.base import GraphSelection, Pass, PassResult, register_pass, select_graphs
-from inferpass.ir.purity import is_deterministic, is_pure
 
 
 class _PerGraphPass(Pass):
@@ -42,11 +42,7 @@ class DeadCodeElimination(_PerGraphPass):
     stat_name = "nodes_removed"
 
     def rewrite(self, ep):
-        removed = 0
-        for node in reversed(list(ep.graph.nodes)):
-            if node.op == "call_function" and not node.users and is_pure(node):
-                ep.graph.erase_node(node)
-                removed += 1
+        removed = eliminate_dead_code(ep.graph, checks=False)
         return (refresh(ep) if removed else ep), removed
 
 

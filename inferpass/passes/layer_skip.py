@@ -35,11 +35,11 @@ import torch
 from pydantic import Field, PositiveInt, model_validator
 
 from inferpass import progress
-from inferpass.errors import PipelineError, UnsupportedModelError
+from inferpass.errors import PipelineError
 from inferpass.ir.cache_io import open_cache_io
 from inferpass.ir.graph_utils import skip_aliases
 from inferpass.ir.program import Program, copy_graph
-from inferpass.ir.structure import BlockSite, graph_structure
+from inferpass.ir.structure import graph_structure
 from inferpass.passes.base import Pass, PassConfig, PassResult, register_pass, select_layers
 from inferpass.passes.block_influence import block_influence, calibration_bits, calibration_tokens
 
@@ -78,30 +78,6 @@ class LayerSkipConfig(PassConfig):
         if any(a < b for a, b in zip(counts, counts[1:])):
             raise ValueError(f"budgets must not grow with position (SkipDecode), got {dict(zip(positions, counts))}")
         return self
-
-
-def _stream_operand(add, stream: set) -> object:
-    """The operand of residual ``add`` that is the residual stream (in ``stream``, up to aliases)."""
-    operands = [a for a in add.args if skip_aliases(a) in stream]
-    if len(operands) != 1:
-        raise UnsupportedModelError(f"residual add {add.name}: cannot tell the stream from the branch")
-    return operands[0]
-
-
-def _zero_branch(block: BlockSite, branch: str, where: str) -> None:
-    """Make ``block``'s ``branch`` (``attention`` or ``mlp``) contribute nothing: its residual add returns
-    the stream operand."""
-    adds = block.residual_adds
-    present = [b for b in ("attention", "mlp") if getattr(block, b) is not None]
-    if len(adds) != len(present):
-        raise UnsupportedModelError(f"{where}: expected one residual add per branch ({', '.join(present)}), "
-                                    f"found {len(adds)} (parallel-residual blocks are not supported)")
-    index = present.index(branch)
-    stream = {block.input, *adds}
-    stream |= {u for a in adds for u in a.users if u not in adds and u in set(block.nodes) and
-               "norm" in str(u.target)}  # a post-norm block's stream continues after its norm
-    add = adds[index]
-    add.replace_all_uses_with(_stream_operand(add, stream))
 
 
 @register_pass
@@ -247,13 +223,13 @@ def _rewrite(program: Program, graph: str, removed: set[int], zeroed: set[int], 
             for check in [n for n in block.nodes if n.target is aten._assert_tensor_metadata.default]:
                 program.graphs[graph].graph.erase_node(check)  # the block's dtype checks go with it
         elif block.index in zeroed:
-            _zero_branch(block, "attention" if mode == "attention" else "mlp",
-                         f"{graph} graph, block {block.index} ({block.scope})")
+            add, stream = block.residual_branch("attention" if mode == "attention" else "mlp",
+                                                f"{graph} graph, block {block.index} ({block.scope})")
+            add.replace_all_uses_with(stream)  # the branch adds nothing
     role = program.roles[graph]
     reads = {t.name for t in program.cache_tensors(graph)}
     tensors = [t for t in kept if t.name in reads]
-    layers = [i for i in (role.layers if role.layers is not None else range(program.info.num_layers))
-              if i not in removed]
+    layers = [i for i in program.graph_layers(graph) if i not in removed]
     whole = role.caches is None and tensors == list(layout)
     program.roles[graph] = role.model_copy(update={
         "layers": tuple(layers), "caches": None if whole else tuple(t.name for t in tensors)})

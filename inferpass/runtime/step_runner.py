@@ -42,7 +42,7 @@ class StepRunner:
         self.pool = pool
         self.seconds = self.decode_s = self.prefill_s = 0.0
         self.decodes = self.decode_rows = self.prefills = 0
-        self._schedules: dict[int, list[str]] = {}
+        self._schedules: dict[int, tuple[list[str], list[int]]] = {}  # tokens -> graphs, their start positions
         self._tensors: dict[str, list[int]] = {}
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
@@ -88,10 +88,10 @@ class StepRunner:
         """The graph for a step of ``tokens`` over rows ``[first, first + count)`` whose furthest row is at
         position ``furthest``, and its schedule stage: the stage of that position, or the furthest stage a
         row has reached if later (rows never go back to more layers)."""
-        schedule = self._schedules.get(tokens)
-        if schedule is None:
-            schedule = self._schedules[tokens] = self.program.schedule(tokens)
-        starts = [self.program.roles[g].from_position for g in schedule[1:]]
+        if tokens not in self._schedules:
+            schedule = self.program.schedule(tokens)
+            self._schedules[tokens] = schedule, [self.program.roles[g].from_position for g in schedule[1:]]
+        schedule, starts = self._schedules[tokens]
         reached = int(self.pool.stages[first:first + count].max())
         stage = max(reached, bisect.bisect_right(starts, furthest))
         if stage >= len(schedule):
