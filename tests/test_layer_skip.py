@@ -214,9 +214,13 @@ def test_ranking_protection_calibration_cache_and_explain_table(monkeypatch, tmp
     influence_module._MEMO.clear()  # a new process: read back from the cache directory
     _run(program, "layer-skip{k=1, calibration_tokens=96, window=48, decode_steps=4}")
     assert len(measured) == 1 and list((tmp_path / "calibration").glob("*.json"))
+    text = tmp_path / "calibration.txt"
+    text.write_text("To be, or not to be, that is the question. " * 4)
+    on_text = f"layer-skip{{k=1, calibration={text}, calibration_tokens=96, window=48, decode_steps=4}}"
+    _run(program, on_text)
     changed = _run(program, "layer-skip{layers=[3]}").program
-    _run(changed, "layer-skip{k=1, calibration_tokens=96, window=48, decode_steps=4}")
-    assert len(measured) == 2  # a changed program is measured again
+    _run(changed, on_text)  # the same calibration tokens
+    assert len(measured) == 3  # a changed program is measured again
     ablation = _run(program, "layer-skip{rank=ablation, k=2, calibration_tokens=96, window=48, decode_steps=4}")
     tokens = influence_module.calibration_tokens(program, None, 96, 48)
     singles = {i: influence_module.calibration_bits(_run(program, f"layer-skip{{layers=[{i}]}}").program, tokens)
@@ -225,8 +229,6 @@ def test_ranking_protection_calibration_cache_and_explain_table(monkeypatch, tmp
     assert steps[0]["skip"] == min(singles, key=singles.get)  # the cheapest single removal first
     assert steps[0]["calibration bits/token"] == pytest.approx(singles[steps[0]["skip"]])
     assert ablation.records[0].stats["skipped"] == sorted(row["skip"] for row in steps)
-    text = tmp_path / "calibration.txt"
-    text.write_text("To be, or not to be, that is the question. " * 4)
     by_text = _run(program, f"layer-skip{{mode=ffn, k=1, calibration={text}, calibration_tokens=96, window=48}}")
     assert by_text.records[0].stats["skipped"][0] in (1, 2, 3)
 
