@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,13 +29,13 @@ from inferpass.defaults import DEFAULT_MODEL, DEFAULT_PIPELINES, HELDOUT_TEXT
 from inferpass.errors import InferpassError, PipelineError
 from inferpass.eval.digits import DIGITS_FILE, IMAGE_SIZE, load_digits
 from inferpass.eval.report import Report, compare_decoders, compare_encoders, prompts_from_text, random_prompts
+from inferpass.ir.compare import compare_programs
 from inferpass.ir.examples import example_inputs
 from inferpass.ir.output_folder import check_output
 from inferpass.ir.serialize import save_program
 from inferpass.passes import PassManager, Pipeline, PipelineRun, registered_passes
 from inferpass.plugins import load_plugin
 from inferpass.runtime.engine import Engine
-from inferpass.runtime.generator import Generator
 from inferpass.runtime.text_codec import TextCodec
 from inferpass.targets import Executable, get_target
 
@@ -161,30 +162,44 @@ def rows_table(title: str, rows: list[dict]) -> Table:
     return table
 
 
-def output_diffs(baseline: Executable, optimized: Executable, seed: int) -> dict[str, float]:
-    """Max |first-output difference| per graph between two executables on seeded example inputs.
+def exact_bound(run: PipelineRun) -> str:
+    """What the pipeline promises about logits, in words (``Pass.exact_within`` of the passes that changed
+    something)."""
+    bound = run.exact_within()
+    changed = [r.spec for r in run.records if r.exact_within is not None]
+    if bound is None:
+        return "exact at every position (fp32 rounding)"
+    if bound == 0:
+        return f"none: approximate ({', '.join(changed)}); quality is what the report measures"
+    limited = [r.spec for r in run.records if r.exact_within == bound]
+    return f"exact up to {bound} tokens per row ({', '.join(limited)}), approximate after"
 
-    When a pass changed the cache layout (``kv-quant``) the graphs take different caches, so the two
-    are compared through the runtime instead: logits of seeded prompts prefilled into empty caches,
-    then of one decode step after them.
-    """
-    def gap(want: torch.Tensor, got: torch.Tensor) -> float:
-        return float((want.float() - got.float().cpu()).abs().max())
 
+def compare_outputs(baseline: Executable, optimized: Executable, run: PipelineRun, seed: int, target: str) -> dict:
+    """Each graph of ``optimized`` against the captured program on the same seeded tokens, each over its own
+    cache (``ir.compare``), checked against the pipeline's exact bound; prints the table, warns on stderr
+    about any output outside the bound, and returns the figures for the manifest."""
+    tolerance = max(baseline.fp32_tolerance, optimized.fp32_tolerance)
     with progress.task("comparing outputs with the captured model"):
-        if baseline.program.cache == optimized.program.cache:
-            diffs = {}
-            for name in baseline.program.graphs:
-                inputs = example_inputs(baseline.program, name, seed=seed)
-                diffs[name] = gap(baseline.run(name, *inputs)[0], optimized.run(name, *inputs)[0])
-            return diffs
-        program = baseline.program
-        prompts = example_inputs(program, program.graph_for(), seed=seed)[0].tolist()
-        (want, want_cache, _), (got, got_cache, _) = (Generator(e).prefill(prompts) for e in (baseline, optimized))
-        token = want[:, -1].argmax(-1)
-        return {program.graph_for(): gap(want, got),
-                program.graph_for(1): gap(Generator(baseline).decode(want_cache, token),
-                                          Generator(optimized).decode(got_cache, token))}
+        gaps, probe = compare_programs(baseline, optimized, seed=seed, exact_within=run.exact_within(),
+                                       rtol=tolerance, atol=tolerance)
+    bound = exact_bound(run)
+    table = Table(title=f"outputs vs the captured model ({probe})",
+                  caption=f"bound: {bound}; within it |Δ| <= {tolerance:g} + {tolerance:g}·|logit|")
+    for col in ("graph", "against", "outputs", "max |Δ logit|", "within the exact bound"):
+        table.add_column(col, justify="left" if col in ("graph", "against") else "right")
+    for gap in gaps:
+        verdict = {None: "-", True: f"yes ({gap.exact_outputs})", False: f"NO ({gap.exact_outputs})"}[gap.within]
+        table.add_row(gap.graph, gap.reference, str(gap.outputs), f"{gap.max_abs:.3g}", verdict)
+    console.print(table)
+    for gap in gaps:
+        if gap.within is False:
+            err_console.print(f"warning: graph '{gap.graph}' of the optimized program differs from '{gap.reference}' "
+                              f"of the captured one by up to {gap.max_abs:.3g} where the pipeline promises "
+                              f"{bound}: a pass or the '{target}' target is wrong",
+                              soft_wrap=True)
+    return {"probe": probe, "bound": bound, "exact_within": run.exact_within(), "tolerance": tolerance,
+            "graphs": [asdict(g) for g in gaps]}
 
 
 def eval_text(args: argparse.Namespace, model: ModelDir) -> bytes | None:
@@ -275,8 +290,7 @@ def _optimize(args, model_dir: Path, pipeline: Pipeline, target, text: bytes | N
     if args.explain or args.verbose:
         explain(run)
     baseline, optimized = get_target("eager").compile(program), target.compile(run.program)
-    diffs = output_diffs(baseline, optimized, args.seed)
-    console.print("max |output difference| vs captured model: " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
+    comparison = compare_outputs(baseline, optimized, run, args.seed, target.name)
     report = None
     if not args.no_eval:
         report = evaluate(baseline, optimized, args, text)
@@ -287,7 +301,8 @@ def _optimize(args, model_dir: Path, pipeline: Pipeline, target, text: bytes | N
         "target": target.name,
         "records": [r.__dict__ for r in run.records],
         "report": {
-            "max_abs_output_diff": diffs,
+            "max_abs_output_diff": {g["graph"]: g["max_abs"] for g in comparison["graphs"]},
+            "comparison": comparison,
             "capture_seconds": capture_s,
             "metrics": report.to_dict() if report else None,
         },

@@ -159,6 +159,13 @@ class Pass(ABC):
     def run(self, program: Program) -> PassResult:
         """Rewrite ``program`` (owned by the pass) and return the result."""
 
+    def exact_within(self) -> int | None:
+        """Up to which sequence length (tokens per row) the pass keeps every logit equal to its input's up to
+        fp32 rounding: None = any length (exact passes), 0 = none (approximate passes, unless they say
+        more). The CLI checks the optimized program against it (``ir.compare``); a pass that changed
+        nothing is exact whatever it says."""
+        return None if self.exact else 0
+
     def spec(self) -> str:
         """The pass as a pipeline-string item, e.g. ``layer-skip{layers=[3, 5]}`` (non-default fields only)."""
         fields = self.config.model_dump(exclude_defaults=True, mode="json")

@@ -128,6 +128,10 @@ class KVQuant(Pass):
             "cache_bytes_per_sequence": layout.nbytes(1),
             "compression_vs_before": round(before / layout.nbytes(1), 2), **plans})
 
+    def exact_within(self) -> int:
+        """Sequences of at most ``sink + residual + group`` tokens never leave the full-precision slots."""
+        return self.config.sink + self.config.residual + self.config.group
+
     def quantized_layout(self, cache: CacheLayout, layers: set[int]) -> CacheLayout:
         """``cache`` with the fp k/v tensors of ``layers`` replaced by their quantized tensors."""
         tensors = []

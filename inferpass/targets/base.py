@@ -26,6 +26,7 @@ class Executable(ABC):
 
     device = torch.device("cpu")
     shape_specialized = False  # True where each new call shape costs a compile: callers should reuse few shapes
+    fp32_tolerance = 1e-5  # rtol = atol within which its fp32 outputs match the eager target's on the same graph
 
     def __init__(self, program: Program):
         self.program = program
