@@ -186,16 +186,17 @@ def compare_outputs(baseline: Executable, optimized: Executable, run: PipelineRu
     bound = exact_bound(run)
     table = Table(title=f"outputs vs the captured model ({probe})",
                   caption=f"bound: {bound}; within it |Δ| <= {tolerance:g} + {tolerance:g}·|logit|")
-    for col in ("graph", "against", "outputs", "max |Δ logit|", "within the exact bound"):
-        table.add_column(col, justify="left" if col in ("graph", "against") else "right")
+    for col in ("graph", "against", "output", "compared", "max |Δ|", "within the exact bound"):
+        table.add_column(col, justify="left" if col in ("graph", "against", "output") else "right")
     for gap in gaps:
         verdict = {None: "-", True: f"yes ({gap.exact_outputs})", False: f"NO ({gap.exact_outputs})"}[gap.within]
-        table.add_row(gap.graph, gap.reference, str(gap.outputs), f"{gap.max_abs:.3g}", verdict)
+        table.add_row(gap.graph, gap.reference, gap.output, str(gap.outputs), f"{gap.max_abs:.3g}", verdict)
     console.print(table)
     for gap in gaps:
         if gap.within is False:
-            err_console.print(f"warning: graph '{gap.graph}' of the optimized program differs from '{gap.reference}' "
-                              f"of the captured one by up to {gap.max_abs:.3g} where the pipeline promises "
+            err_console.print(f"warning: the {gap.output} of graph '{gap.graph}' of the optimized program differ from "
+                              f"'{gap.reference}' of the captured one by up to {gap.max_abs:.3g} where the pipeline "
+                              f"promises "
                               f"{bound}: a pass or the '{target}' target is wrong",
                               soft_wrap=True)
     return {"probe": probe, "bound": bound, "exact_within": run.exact_within(), "tolerance": tolerance,

@@ -7,19 +7,27 @@ eager for every cell (the compiled targets' equality with eager is ``test_target
 ``--no-eval``; one pass per kind also runs the short evaluation. A cell fails naming its pass, kind and target.
 """
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+import inferpass.commands
 from factories import tiny_bert
+from inferpass.capture import capture
 from inferpass.cli import main
 from inferpass.defaults import DEFAULT_MODEL
+from inferpass.ir.compare import GraphGap, ProgramRunner, compare_programs
 from inferpass.ir.examples import example_inputs
-from inferpass.ir.serialize import load_program
+from inferpass.ir.program import Program
+from inferpass.ir.serialize import save_program
 from inferpass.passes import registered_passes
 from inferpass.passes.base import check_requirements
 from inferpass.runtime.engine import Engine
@@ -66,9 +74,11 @@ def _cell_name(pass_name: str, kind: str, target: str) -> str:
     return f"pass '{pass_name}' on the {kind} model, target '{target}'"
 
 
-def run_cell(pass_name: str, kind: str, target: str, model: Path, out: Path, capsys, evaluate: bool = False) -> Cell:
+def run_cell(pass_name: str, kind: str, target: str, model: Path, out: Path, capsys, captured: Program,
+             evaluate: bool = False) -> Cell:
     """``optimize-model`` for one cell; raises ``AssertionError`` naming the cell unless it exits 0 with a
-    comparison of every logits graph of the saved program within the pipeline's exact bound."""
+    comparison of every logits graph of the saved program within the pipeline's exact bound, and of the
+    caches where the layout is still ``captured``'s (the program ``model`` captures into)."""
     where = _cell_name(pass_name, kind, target)
     argv = [str(model), "--pipeline", pass_name, "--target", target, "--out", str(out), "--force"]
     argv += ["--max-len", str(MAX_LEN)] if KIND_INFO[kind][0] == "decoder" else []
@@ -82,9 +92,11 @@ def run_cell(pass_name: str, kind: str, target: str, model: Path, out: Path, cap
     assert "warning" not in printed.err, f"{where}: {printed.err}"
     manifest = json.loads((out / "manifest.json").read_text())
     comparison = manifest["report"]["comparison"]
-    program = load_program(out)
-    logits_graphs = [n for n, r in program.roles.items() if r.outputs[0] == "logits"]
-    assert [g["graph"] for g in comparison["graphs"]] == logits_graphs, f"{where}: graphs not compared: {comparison}"
+    logits_graphs = [n for n, g in manifest["graphs"].items() if g["role"]["outputs"][0] == "logits"]
+    compared = [g["graph"] for g in comparison["graphs"] if g["output"] == "logits"]
+    assert compared == logits_graphs, f"{where}: graphs not compared: {comparison}"
+    same_layout = captured.is_decoder and manifest["cache"] == captured.cache.model_dump(mode="json")
+    assert any(g["output"] == "cache" for g in comparison["graphs"]) == same_layout, f"{where}: caches: {comparison}"
     for gap in comparison["graphs"]:
         assert gap["within"] is not False, f"{where}: graph {gap['graph']} outside the exact bound: {comparison}"
         assert gap["max_abs"] < float("inf"), f"{where}: graph {gap['graph']} shape changed: {comparison}"
@@ -95,70 +107,83 @@ def run_cell(pass_name: str, kind: str, target: str, model: Path, out: Path, cap
     return Cell(pass_name, kind, target, out, manifest, printed.out)
 
 
-def _expected(out: Path, kind: str) -> list:
-    """What the saved folder gives in this process on eager: greedy tokens (decoders) or top-1 labels."""
-    program = load_program(out)
+def outputs_of(program: Program, kind: str, target: str) -> list:
+    """What ``program`` gives on ``target``: greedy tokens for ``PROMPT`` (decoders) or top-1 labels of its
+    seeded example inputs (encoders)."""
+    executable = get_target(target).compile(program)
     if kind == "lm":
-        engine = Engine.open(out, target="eager", rows=2)
-        return engine.generate([PROMPT], {"max_new_tokens": NEW_TOKENS})[0].tokens
-    logits = get_target("eager").compile(program).run(program.graph_for(), *example_inputs(program,
-                                                                                            program.graph_for()))
-    return logits[0].argmax(-1).tolist()
+        return Engine(executable, rows=2).generate([PROMPT], {"max_new_tokens": NEW_TOKENS})[0].tokens
+    graph = program.graph_for()
+    return executable.run(graph, *example_inputs(program, graph))[0].argmax(-1).tolist()
 
 
 FRESH_PROCESS = """
 import json, sys
-from inferpass.ir.examples import example_inputs
 from inferpass.ir.serialize import load_program
-from inferpass.runtime.engine import Engine
-from inferpass.targets import get_target
-results = {}
-for folder, kind, target in json.loads(sys.argv[1]):
-    program = load_program(folder)
-    if kind == "lm":
-        engine = Engine.open(folder, target=target, rows=2)
-        results[folder] = engine.generate([PROMPT], {"max_new_tokens": NEW_TOKENS})[0].tokens
-    else:
-        graph = program.graph_for()
-        results[folder] = get_target(target).compile(program).run(graph, *example_inputs(program, graph))[0] \\
-            .argmax(-1).tolist()
-print(json.dumps(results))
+from test_cli_matrix import outputs_of
+jobs = json.loads(sys.argv[1])
+print(json.dumps({out: outputs_of(load_program(out), kind, target) for out, kind, target in jobs}))
 """
 
 
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
-    """Every cell run once (module doc), then every saved folder loaded and run in one fresh process."""
+def capture_once():
+    """``capture`` that captures each (model, max_len) once in this module and hands every call a clone."""
+    programs = {}
+
+    def capture_once(model_dir, max_len=None):
+        if (model_dir, max_len) not in programs:
+            programs[model_dir, max_len] = capture(model_dir, max_len=max_len)
+        return programs[model_dir, max_len].clone()
+
+    return capture_once
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory, capture_once):
+    """Every cell run once (module doc), then every saved folder loaded and run in one fresh process (``fresh``,
+    by folder), with what each cell's program gave in this process before it was saved (by cell) and what the
+    captured model gives (by kind). Each model is captured once: the cells get clones
+    (capture is ``test_capture.py``'s)."""
     root = tmp_path_factory.mktemp("matrix")
     models = dict(KIND_MODELS)
     models["bert"] = root / "tiny-bert"
     tiny_bert(layers=2).save_pretrained(models["bert"])
+    captured = {kind: capture_once(models[kind], MAX_LEN if KIND_INFO[kind][0] == "decoder" else None)
+                for kind in KIND_MODELS}
     capsys = _Capture()
-    cells, failures = {}, {}
-    for pass_name, kind, target in CELLS:
-        out = root / f"{pass_name}-{kind}-{target}.inferpass"
-        try:
-            with capsys:
-                cells[pass_name, kind, target] = run_cell(pass_name, kind, target, models[kind], out, capsys,
-                                                          evaluate=pass_name == EVALUATED)
-        except AssertionError as err:
-            failures[pass_name, kind, target] = str(err)
+    cells, failures, saved = {}, {}, {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(inferpass.commands, "capture", capture_once)
+
+        def save_and_keep(program, out, **options):
+            saved[out] = program
+            save_program(program, out, **options)
+
+        patch.setattr(inferpass.commands, "save_program", save_and_keep)
+        for pass_name, kind, target in CELLS:
+            out = root / f"{pass_name}-{kind}-{target}.inferpass"
+            try:
+                with capsys:
+                    cells[pass_name, kind, target] = run_cell(
+                        pass_name, kind, target, models[kind], out, capsys, captured[kind],
+                        evaluate=pass_name == EVALUATED)
+            except AssertionError as err:
+                failures[pass_name, kind, target] = str(err)
+    in_memory = {key: outputs_of(saved[c.out], c.kind, c.target) for key, c in cells.items()}
+    captured_outputs = {kind: outputs_of(program, kind, "eager") for kind, program in captured.items()}
     jobs = [[str(c.out), c.kind, c.target] for c in cells.values()]
-    script = f"PROMPT = {PROMPT!r}\nNEW_TOKENS = {NEW_TOKENS}\n" + FRESH_PROCESS
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(jobs)], capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps(jobs)], capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).parent)
     assert done.returncode == 0, done.stderr
     fresh = json.loads(done.stdout.strip().splitlines()[-1])
-    return cells, failures, fresh
+    return cells, failures, in_memory, captured_outputs, fresh
 
 
 class _Capture:
     """A stand-in for pytest's ``capsys`` in a module fixture: captures stdout and stderr while entered."""
 
     def __enter__(self):
-        import contextlib
-        import io
-
         self._out, self._err = io.StringIO(), io.StringIO()
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(contextlib.redirect_stdout(self._out))
@@ -169,8 +194,6 @@ class _Capture:
         self._stack.close()
 
     def readouterr(self):
-        from types import SimpleNamespace
-
         out, err = self._out.getvalue(), self._err.getvalue()
         self._out.seek(0), self._out.truncate(), self._err.seek(0), self._err.truncate()
         return SimpleNamespace(out=out, err=err)
@@ -186,17 +209,15 @@ def test_matrix_covers_every_registered_pass_on_every_kind_it_applies_to():
 
 @pytest.mark.parametrize("pass_name,kind,target", CELLS, ids=[f"{p}-{k}-{t}" for p, k, t in CELLS])
 def test_cell(matrix, pass_name, kind, target):
-    cells, failures, fresh = matrix
-    assert (pass_name, kind, target) not in failures, failures.get((pass_name, kind, target))
-    cell = cells[pass_name, kind, target]
-    where = _cell_name(pass_name, kind, target)
-    assert fresh[str(cell.out)] == _expected(cell.out, kind), f"{where}: a fresh process ran the folder differently"
+    cells, failures, in_memory, captured, fresh = matrix
+    key = pass_name, kind, target
+    assert key not in failures, failures.get(key)
+    cell, where = cells[key], _cell_name(*key)
+    assert fresh[str(cell.out)] == in_memory[key], f"{where}: the saved folder runs differently in a fresh process"
     if pass_name == EVALUATED:
         assert cell.manifest["report"]["metrics"], f"{where}: no evaluation"
-    if all(r["exact"] for r in cell.manifest["records"]) and kind == "lm":
-        baseline = Engine.open(KIND_MODELS["lm"], target="eager", max_len=MAX_LEN, rows=2)
-        assert fresh[str(cell.out)] == baseline.generate([PROMPT], {"max_new_tokens": NEW_TOKENS})[0].tokens, \
-            f"{where}: an exact pass changed the greedy tokens"
+    if all(r["exact"] for r in cell.manifest["records"]):
+        assert in_memory[key] == captured[kind], f"{where}: an exact pass changed the {kind} model's outputs"
 
 
 def test_kv_quant_comparison_shows_the_bound_it_is_checked_against(matrix):
@@ -207,43 +228,53 @@ def test_kv_quant_comparison_shows_the_bound_it_is_checked_against(matrix):
     assert prefill["within"] is True and prefill["exact_outputs"] == prefill["outputs"]  # 48 tokens fit the window
 
 
-def test_a_broken_comparison_fails_its_cell_by_name(tmp_path, capsys, monkeypatch):
+def test_a_broken_comparison_fails_its_cell_by_name(tmp_path, capsys, monkeypatch, capture_once):
     """The bug behind the matrix: the captured program's example caches fed to the optimized one."""
-    import inferpass.commands
-    from inferpass.ir.compare import GraphGap
+    monkeypatch.setattr(inferpass.commands, "capture", capture_once)
 
     def old_comparison(want, got, **kwargs):
         gaps = []
         for name in want.program.graphs:
             inputs = example_inputs(want.program, name)
             gap = float((want.run(name, *inputs)[0] - got.run(name, *inputs)[0]).abs().max())
-            gaps.append(GraphGap(name, name, 1, gap, 1, gap <= kwargs["atol"]))
+            gaps.append(GraphGap(name, name, "logits", 1, gap, 1, gap <= kwargs["atol"]))
         return gaps, "the captured program's example inputs"
 
     monkeypatch.setattr(inferpass.commands, "compare_programs", old_comparison)
     with pytest.raises(AssertionError, match="pass 'kv-quant' on the lm model, target 'eager'"):
-        run_cell("kv-quant", "lm", "eager", DEFAULT_MODEL, tmp_path / "out", capsys)
-    with pytest.raises(AssertionError, match=r"pass 'lean-attention' on the lm model, target 'eager'.*outside"):
+        run_cell("kv-quant", "lm", "eager", DEFAULT_MODEL, tmp_path / "out", capsys,
+                 capture_once(DEFAULT_MODEL, MAX_LEN))
+    broken = r"pass 'lean-attention' on the lm model, target 'eager'.*graph 'prefill' of the optimized program differ"
+    with pytest.raises(AssertionError, match=broken):
         def off_by_one(want, got, **kwargs):
             gaps, probe = old_comparison(want, got, **kwargs)
-            return [GraphGap(g.graph, g.reference, 1, 1.0, 1, False) for g in gaps], probe
+            return [GraphGap(g.graph, g.reference, g.output, 1, 1.0, 1, False) for g in gaps], probe
 
         monkeypatch.setattr(inferpass.commands, "compare_programs", off_by_one)
-        run_cell("lean-attention", "lm", "eager", DEFAULT_MODEL, tmp_path / "out2", capsys)
+        run_cell("lean-attention", "lm", "eager", DEFAULT_MODEL, tmp_path / "out2", capsys,
+                 capture_once(DEFAULT_MODEL, MAX_LEN))
 
 
-def test_a_pass_that_changes_logits_is_caught_by_the_comparison():
-    """The comparison itself (not a stand-in) sees an exact pass's output drift, each program over its own cache."""
-    from inferpass.capture import capture
-    from inferpass.ir.compare import ProgramRunner, compare_programs
-
-    program = capture(DEFAULT_MODEL, max_len=MAX_LEN)
+def _drifted(program: Program, weight) -> Program:
+    """``program`` with the weights whose name ``weight(name)`` accepts scaled by 1 + 1e-3, in every graph."""
     drifted = program.clone()
     for ep in drifted.graphs.values():
         for key, tensor in ep.state_dict.items():
-            if key.endswith("norm.weight") and "layers" not in key:
-                ep.state_dict[key] = tensor * (1 + 1e-3)
-    gaps, _ = compare_programs(ProgramRunner(program), ProgramRunner(drifted))
-    assert [g.graph for g in gaps] == ["prefill", "decode"] and all(g.within is False for g in gaps)
+            if weight(key):
+                ep.state_dict[key] = torch.nn.Parameter(tensor * (1 + 1e-3), requires_grad=False)
+    return drifted
+
+
+def test_a_pass_that_changes_logits_or_caches_is_caught_by_the_comparison(capture_once):
+    """The comparison itself (not a stand-in) sees an exact pass's output drift, each program over its own cache."""
+    program = capture_once(DEFAULT_MODEL, max_len=MAX_LEN)
+    final_norm = _drifted(program, lambda key: key.endswith("norm.weight") and "layers" not in key)
+    gaps, _ = compare_programs(ProgramRunner(program), ProgramRunner(final_norm))
+    assert [(g.graph, g.output) for g in gaps] == [("prefill", "logits"), ("decode", "logits"), ("prefill", "cache")]
+    assert [g.within for g in gaps] == [False, False, True]  # the final norm writes no cache
+    last = program.info.num_layers - 1
+    last_keys = _drifted(program, lambda key: key.endswith(f"layers.{last}.self_attn.k_proj.weight"))
+    assert [g.within for g in compare_programs(ProgramRunner(program), ProgramRunner(last_keys))[0]] == [
+        False, False, False]
     same, _ = compare_programs(ProgramRunner(program), ProgramRunner(program.clone()))
     assert all(g.within is True and g.max_abs == 0.0 for g in same)

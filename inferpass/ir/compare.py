@@ -7,8 +7,9 @@ layout — two chunks, all rows then row 0 alone from where it stopped, so rows 
 second chunk starts mid-cache — and then every fixed-token-count graph runs a few steps of the same
 seeded tokens from that state (from a copy, so graphs do not see each other's writes). Each graph of
 ``got`` is compared with the graph of ``want`` that serves the same token count (``Program.graph_for``),
-on the first output of graphs whose first output is ``logits``. Encoders: every graph on the same
-seeded inputs (``examples.example_inputs``).
+on the first output of graphs whose first output is ``logits``; where both programs have the same cache
+layout, the caches the prefill chunks wrote are compared too. Encoders: every graph on the same seeded
+inputs (``examples.example_inputs``).
 
 A *runner* is anything with ``program`` and ``run(graph, *inputs)`` (a target's ``Executable``, or
 ``ProgramRunner`` for a bare program); inputs go to its ``device`` where it has one.
@@ -101,10 +102,12 @@ def _run(runner: Runner, graph: str, ids: torch.Tensor, start: torch.Tensor,
 Trace = dict[tuple[str, int | str], tuple[torch.Tensor, torch.Tensor]]
 
 
-def decoder_trace(runner: Runner, probe: Probe, graphs: dict[int, list[str]]) -> Trace:
+def decoder_trace(runner: Runner, probe: Probe,
+                  graphs: dict[int, list[str]]) -> tuple[Trace, dict[str, torch.Tensor]]:
     """Logits ``[n, V]`` and positions ``[n]`` of every output, by (graph, token count): of the prefill graph
     (``"any"``) over ``probe``'s chunks, and of each graph in ``graphs[k]`` over ``probe``'s k-token steps, each
-    from the prefilled state (a graph of any token count may serve k-token steps too)."""
+    from the prefilled state (a graph of any token count may serve k-token steps too); and that prefilled
+    state, by cache tensor name."""
     program = runner.program
     first, second = probe.chunks
     rows, length = first.shape
@@ -128,19 +131,22 @@ def decoder_trace(runner: Runner, probe: Probe, graphs: dict[int, list[str]]) ->
                 start += k
             if out:
                 traces[graph, k] = torch.cat(out), torch.cat(where)
-    return traces
+    return traces, caches
 
 
 @dataclass(frozen=True)
 class GraphGap:
     """How far one graph of ``got`` is from its reference graph of ``want``.
 
-    ``outputs``: output rows compared (positions × rows); ``max_abs``: the largest |logit difference|;
-    ``exact_outputs``: those at positions within ``exact_within``; ``within``: whether all of those
-    are within ``atol + rtol·|want|`` (None when there are none)."""
+    ``output``: ``"logits"``, or ``"cache"`` for the cache tensors the prefill wrote; ``outputs``: output
+    rows compared (positions × rows; cache: tensors); ``max_abs``: the largest |difference|;
+    ``exact_outputs``: those at positions within ``exact_within`` (cache: all tensors, only where
+    ``exact_within`` is None); ``within``: whether all of those are within ``atol + rtol·|want|``
+    (None when there are none)."""
 
     graph: str
     reference: str
+    output: str
     outputs: int
     max_abs: float
     exact_outputs: int
@@ -150,7 +156,7 @@ class GraphGap:
 def _gap(graph: str, reference: str, want: torch.Tensor, got: torch.Tensor, positions: torch.Tensor | None,
          exact_within: int | None, rtol: float, atol: float) -> GraphGap:
     if want.shape != got.shape:
-        return GraphGap(graph, reference, want.shape[0], float("inf"), 0, False)
+        return GraphGap(graph, reference, "logits", want.shape[0], float("inf"), 0, False)
     want, got = want.float(), got.float()
     diff = (want - got).abs()
     excess = (diff - rtol * want.abs()).reshape(diff.shape[0], -1).amax(1)
@@ -158,13 +164,25 @@ def _gap(graph: str, reference: str, want: torch.Tensor, got: torch.Tensor, posi
              else positions < exact_within)
     count = int(exact.sum())
     within = bool((excess[exact] <= atol).all()) if count else None
-    return GraphGap(graph, reference, diff.shape[0], float(diff.max()) if diff.numel() else 0.0, count, within)
+    return GraphGap(graph, reference, "logits", diff.shape[0], float(diff.max()) if diff.numel() else 0.0, count,
+                    within)
+
+
+def _cache_gap(graph: str, reference: str, want: dict[str, torch.Tensor], got: dict[str, torch.Tensor],
+               exact_within: int | None, rtol: float, atol: float) -> GraphGap:
+    """The prefilled caches of two programs of the same layout: measured always, checked where the pipeline is
+    exact at every position (a bounded pass may change what it stores beyond its bound)."""
+    diffs = [(want[n].float() - got[n].float()).abs() for n in want]
+    excess = max((float((d - rtol * want[n].float().abs()).max()) for n, d in zip(want, diffs)), default=0.0)
+    checked = exact_within is None
+    return GraphGap(graph, reference, "cache", len(diffs), max((float(d.max()) for d in diffs), default=0.0),
+                    len(diffs) if checked else 0, excess <= atol if checked else None)
 
 
 def compare_programs(want: Runner, got: Runner, *, seed: int = 0, exact_within: int | None = None,
                      rtol: float = EXACT_RTOL, atol: float = EXACT_ATOL) -> tuple[list[GraphGap], str]:
     """One ``GraphGap`` per graph of ``got`` whose first output is logits (see module doc), in program order,
-    and a line saying what was compared."""
+    then one for the prefilled caches where the layouts match, and a line saying what was compared."""
     wp, gp = want.program, got.program
     compared = [n for n, r in gp.roles.items() if r.outputs[0] == "logits"]
     if not gp.is_decoder:
@@ -176,8 +194,9 @@ def compare_programs(want: Runner, got: Runner, *, seed: int = 0, exact_within: 
     probe = decoder_probe(wp, gp, seed)
     counts = {r.tokens for n, r in gp.roles.items() if n in compared and r.tokens != "any"}
     references = {k: wp.graph_for(k) for k in counts}
-    want_traces = decoder_trace(want, probe, {k: [g] for k, g in references.items()})
-    got_traces = decoder_trace(got, probe, {k: [n for n in compared if gp.roles[n].tokens == k] for k in counts})
+    want_traces, want_caches = decoder_trace(want, probe, {k: [g] for k, g in references.items()})
+    got_traces, got_caches = decoder_trace(got, probe, {k: [n for n in compared if gp.roles[n].tokens == k]
+                                                        for k in counts})
     gaps = []
     for name in compared:
         tokens = gp.roles[name].tokens
@@ -187,4 +206,6 @@ def compare_programs(want: Runner, got: Runner, *, seed: int = 0, exact_within: 
         logits, positions = got_traces[name, tokens]
         gaps.append(_gap(name, reference, want_traces[reference, tokens][0], logits, positions, exact_within, rtol,
                          atol))
+    if wp.cache == gp.cache:
+        gaps.append(_cache_gap(gp.graph_for(), wp.graph_for(), want_caches, got_caches, exact_within, rtol, atol))
     return gaps, probe.describe()

@@ -77,7 +77,7 @@ def check_numerics(before: Program, after: Program, seed: int) -> None:
     gaps, probe = compare_programs(ProgramRunner(before), ProgramRunner(after), seed=seed)
     for gap in gaps:
         if gap.within is False:
-            raise VerificationError(f"graph '{gap.graph}' changed its logits under an exact pass (max abs diff "
+            raise VerificationError(f"graph '{gap.graph}' changed its {gap.output} under an exact pass (max abs diff "
                                     f"{gap.max_abs:.3g} against '{gap.reference}' of the input; {probe})")
 
 
