@@ -2,9 +2,12 @@
 applies to: capture → pass → comparison with the captured model → save → load in a fresh process → generate or
 classify. A new pass joins the matrix by being registered.
 
-Kinds: the default LM (decoder, byte-level), the default ViT (images), a tiny random BERT (token ids). Target:
-eager for every cell (the compiled targets' equality with eager is ``test_targets.py``'s). Each cell runs with
-``--no-eval``; one pass per kind also runs the short evaluation. A cell fails naming its pass, kind and target.
+Kinds: the default LM (decoder, byte-level), the default ViT (images), a tiny random BERT (token ids). Targets:
+eager for every pass; each compiled target (cpu: IREE, inductor: AOTInductor) with each kind's default preset,
+whose saved folder must replay the CLI's comparison in the fresh process from its carried artifacts alone (one
+per call shape, nothing compiled) and, for the LM, prefill prompts padded to a new bucket as eager does. Each cell
+runs with ``--no-eval``; one pass per kind also runs the short evaluation. A cell fails naming its pass, kind and
+target.
 """
 
 import contextlib
@@ -21,24 +24,26 @@ import torch
 
 import inferpass.commands
 from factories import tiny_bert
+from traces import trace
 from inferpass.capture import capture
 from inferpass.cli import main
-from inferpass.defaults import DEFAULT_MODEL
+from inferpass.defaults import CACHE_ENV, DEFAULT_MODEL, DEFAULT_PIPELINES
 from inferpass.ir.compare import GraphGap, ProgramRunner, compare_programs
 from inferpass.ir.examples import example_inputs
 from inferpass.ir.program import Program
-from inferpass.ir.serialize import save_program
+from inferpass.ir.serialize import load_program, save_program
 from inferpass.passes import registered_passes
 from inferpass.passes.base import check_requirements
 from inferpass.runtime.engine import Engine
-from inferpass.targets import get_target
+from inferpass.targets import Executable, get_target
 
 KIND_MODELS = {"lm": DEFAULT_MODEL, "vit": DEFAULT_MODEL.parent / "default-vit", "bert": None}  # bert: built here
 KIND_INFO = {"lm": ("decoder", 256), "vit": ("encoder", None), "bert": ("encoder", 50)}
-TARGETS = ("eager",)
+COMPILED = ("cpu", "inductor")  # the ahead-of-time targets available here
 EVALUATED = "dce"  # the pass that also runs the short evaluation, on every kind
 MAX_LEN = 96  # decoders: room for the comparison's 32 + 16 prompt tokens and a few steps
-PROMPT = list(b"ROMEO: ")
+PROMPTS = [list(b"ROMEO: "), list(b"JULIET:")]  # same length: one (2, 16) prefill, as the comparison compiled
+PADDED = [list(range(3, 40)), list(range(5, 21))]  # 37 and 16 tokens, prefilled per row: a new bucket (64)
 NEW_TOKENS = 8
 
 
@@ -57,7 +62,8 @@ def applicable(kind: str) -> list:
     return passes
 
 
-CELLS = [(cls.name, kind, target) for kind in KIND_MODELS for cls in applicable(kind) for target in TARGETS]
+CELLS = [(cls.name, kind, "eager") for kind in KIND_MODELS for cls in applicable(kind)] + [
+    (DEFAULT_PIPELINES[KIND_INFO[kind][0]], kind, target) for kind in KIND_MODELS for target in COMPILED]
 
 
 @dataclass
@@ -107,22 +113,46 @@ def run_cell(pass_name: str, kind: str, target: str, model: Path, out: Path, cap
     return Cell(pass_name, kind, target, out, manifest, printed.out)
 
 
-def outputs_of(program: Program, kind: str, target: str) -> list:
-    """What ``program`` gives on ``target``: greedy tokens for ``PROMPT`` (decoders) or top-1 labels of its
+def outputs_of(executable: Executable, kind: str) -> list:
+    """What ``executable`` gives: greedy tokens for ``PROMPTS`` (decoders) or top-1 labels of its program's
     seeded example inputs (encoders)."""
-    executable = get_target(target).compile(program)
     if kind == "lm":
-        return Engine(executable, rows=2).generate([PROMPT], {"max_new_tokens": NEW_TOKENS})[0].tokens
-    graph = program.graph_for()
-    return executable.run(graph, *example_inputs(program, graph))[0].argmax(-1).tolist()
+        return [r.tokens for r in Engine(executable, rows=2).generate(PROMPTS, {"max_new_tokens": NEW_TOKENS})]
+    graph = executable.program.graph_for()
+    return executable.run(graph, *example_inputs(executable.program, graph))[0].argmax(-1).tolist()
+
+
+def fresh_run(out: str, kind: str, target: str, empty_cache: str) -> dict:
+    """A saved folder in this (fresh) process on ``target``, with an empty artifact cache: its ``outputs``;
+    for compiled targets also the CLI's comparison replayed against eager on the loaded program (``replay``:
+    every output within the target's fp32 tolerance, with what that compiled and loaded) and, for the LM,
+    the ``PADDED`` prompts' trace against eager (``padded``: within the tolerance, max |Δ|, and the functions
+    compiled for it)."""
+    program = load_program(out)
+    runs_on = get_target(target)
+    if target in COMPILED:
+        runs_on.cache_dir = empty_cache
+    executable = runs_on.compile(program)
+    result = {"outputs": outputs_of(executable, kind)}
+    if target in COMPILED:
+        eager = get_target("eager").compile(program)
+        tolerance = executable.fp32_tolerance
+        gaps, _ = compare_programs(eager, executable, rtol=tolerance, atol=tolerance)
+        result["replay"] = {"within": all(g.within for g in gaps), "compiled": executable.compiled,
+                            "loaded": executable.loaded}
+        if kind == "lm":
+            got, want = trace(executable, PADDED), trace(eager, PADDED)
+            result["padded"] = {"close": bool(torch.isclose(got, want, rtol=tolerance, atol=tolerance).all()),
+                                "max_abs": float((got - want).abs().max()),
+                                "compiled": executable.compiled - result["replay"]["compiled"]}
+    return result
 
 
 FRESH_PROCESS = """
 import json, sys
-from inferpass.ir.serialize import load_program
-from test_cli_matrix import outputs_of
+from test_cli_matrix import fresh_run
 jobs = json.loads(sys.argv[1])
-print(json.dumps({out: outputs_of(load_program(out), kind, target) for out, kind, target in jobs}))
+print(json.dumps({out: fresh_run(out, kind, target, empty) for out, kind, target, empty in jobs}))
 """
 
 
@@ -154,6 +184,7 @@ def matrix(tmp_path_factory, capture_once):
     capsys = _Capture()
     cells, failures, saved = {}, {}, {}
     with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(root / "artifacts"))  # what the CLI compiles, for this module only
         patch.setattr(inferpass.commands, "capture", capture_once)
 
         def save_and_keep(program, out, **options):
@@ -162,7 +193,7 @@ def matrix(tmp_path_factory, capture_once):
 
         patch.setattr(inferpass.commands, "save_program", save_and_keep)
         for pass_name, kind, target in CELLS:
-            out = root / f"{pass_name}-{kind}-{target}.inferpass"
+            out = root / f"{pass_name.replace(',', '+')}-{kind}-{target}.inferpass"
             try:
                 with capsys:
                     cells[pass_name, kind, target] = run_cell(
@@ -170,9 +201,10 @@ def matrix(tmp_path_factory, capture_once):
                         evaluate=pass_name == EVALUATED)
             except AssertionError as err:
                 failures[pass_name, kind, target] = str(err)
-    in_memory = {key: outputs_of(saved[c.out], c.kind, c.target) for key, c in cells.items()}
-    captured_outputs = {kind: outputs_of(program, kind, "eager") for kind, program in captured.items()}
-    jobs = [[str(c.out), c.kind, c.target] for c in cells.values()]
+        in_memory = {key: outputs_of(get_target(c.target).compile(saved[c.out]), c.kind) for key, c in cells.items()}
+    eager = get_target("eager")
+    captured_outputs = {kind: outputs_of(eager.compile(program), kind) for kind, program in captured.items()}
+    jobs = [[str(c.out), c.kind, c.target, str(root / f"empty-{i}")] for i, c in enumerate(cells.values())]
     done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps(jobs)], capture_output=True, text=True,
                           timeout=600, cwd=Path(__file__).parent)
     assert done.returncode == 0, done.stderr
@@ -201,7 +233,8 @@ class _Capture:
 
 def test_matrix_covers_every_registered_pass_on_every_kind_it_applies_to():
     names = {cls.name for cls in registered_passes() if cls.__module__.startswith("inferpass.")}
-    assert names == {p for p, _, _ in CELLS}
+    assert names == {p for p, _, t in CELLS if t == "eager"}
+    assert {(k, t) for _, k, t in CELLS if t != "eager"} == {(k, t) for k in KIND_MODELS for t in COMPILED}
     assert {"dce", "cse", "drop-unused-params", "lean-attention", "kv-quant", "layer-skip"} <= names
     assert {k for p, k, _ in CELLS if p == "kv-quant"} == {"lm"}  # decoders only
     assert {k for p, k, _ in CELLS if p == "dce"} == {"lm", "vit", "bert"}
@@ -213,7 +246,14 @@ def test_cell(matrix, pass_name, kind, target):
     key = pass_name, kind, target
     assert key not in failures, failures.get(key)
     cell, where = cells[key], _cell_name(*key)
-    assert fresh[str(cell.out)] == in_memory[key], f"{where}: the saved folder runs differently in a fresh process"
+    run = fresh[str(cell.out)]
+    assert run["outputs"] == in_memory[key], f"{where}: the saved folder runs differently in a fresh process"
+    if target in COMPILED:
+        carried = len(list((cell.out / "artifacts" / target).iterdir()))  # one function per call shape
+        assert carried == (3 if kind == "lm" else 1), f"{where}: carried {carried} artifacts"
+        assert run["replay"] == {"within": True, "compiled": 0, "loaded": carried}, f"{where}: replay: {run}"
+    if kind == "lm" and target in COMPILED:  # one function for the new bucket, padded rows invisible
+        assert run["padded"]["compiled"] == 1 and run["padded"]["close"], f"{where}: padded: {run}"
     if pass_name == EVALUATED:
         assert cell.manifest["report"]["metrics"], f"{where}: no evaluation"
     if all(r["exact"] for r in cell.manifest["records"]):

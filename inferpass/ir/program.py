@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -144,10 +143,8 @@ class ModelInfo(BaseModel):
 
 def copy_graph(ep: ExportedProgram) -> ExportedProgram:
     """A copy of ``ep`` whose graph may be edited; weight and constant tensors are shared, not copied."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
-        memo = {id(t): t for t in list(ep.state_dict.values()) + list(ep.constants.values())}
-        return copy.deepcopy(ep, memo)
+    memo = {id(t): t for t in list(ep.state_dict.values()) + list(ep.constants.values())}
+    return copy.deepcopy(ep, memo)
 
 
 @dataclass
