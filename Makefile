@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+TEST_WORKERS ?= $(shell nproc)
 ARGS ?= --out build/default-lm.inferpass --force
 
 .PHONY: run test clean
@@ -16,8 +17,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/optimize-model $(ARGS)
 
+# One pytest worker per core, each test module on one worker (its shared captures and compiled functions stay
+# together); each worker's torch uses its share of the cores.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) build *.egg-info
