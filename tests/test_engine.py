@@ -149,6 +149,31 @@ def test_cancelled_and_failed_requests_return_their_rows(small, monkeypatch):
     assert request.state == "failed" and "device lost" in request.error and engine.pool.used == 0
 
 
+def test_a_higher_priority_request_preempts_by_recompute_and_nothing_changes(small):
+    params = [{"max_new_tokens": 30}, {"max_new_tokens": 30, "temperature": 0.9, "seed": 3}]
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    want = [_alone(small, p, q) for p, q in zip(prompts, params)]
+    urgent_want = _alone(small, [7, 8, 9], {"max_new_tokens": 5})
+    engine = Engine(small, rows=2, prefill_chunk=3)
+    low = [engine.submit(p, q) for p, q in zip(prompts, params)]
+    for _ in range(6):
+        engine.step()
+    assert [r.state for r in low] == ["decode", "decode"]
+    urgent = engine.submit([7, 8, 9], {"max_new_tokens": 5}, priority=1)
+    engine.step()
+    assert (urgent.state, low[1].state, low[1].preemptions, low[0].preemptions) == ("decode", "waiting", 1, 0)
+    assert list(engine.scheduler.waiting) == [low[1]]
+    for _ in engine.stream():
+        pass
+    assert [r.tokens for r in low] == want and urgent.tokens == urgent_want  # greedy and seeded alike
+    assert all(r.state == "finished" for r in [*low, urgent]) and engine.pool.used == 0
+    equal = [engine.submit([1], {"max_new_tokens": 3}, priority=p) for p in (0, 0)]
+    engine.step()
+    assert [r.preemptions for r in equal] == [0, 0]  # equals never preempt each other
+    with pytest.raises(InferpassError, match="priority"):
+        engine.submit([1], priority="high")
+
+
 def test_stop_tokens_strings_and_streaming():
     program = capture(tiny_decoder("llama", layers=1, vocab=256), max_len=MAX_LEN)
     engine = Engine(get_target("eager").compile(program), rows=2)
@@ -183,7 +208,7 @@ def test_stress_mixed_requests_lose_nothing(small):
         prompt = [rng.randrange(64) for _ in range(rng.randint(1, 30))]
         params = {"max_new_tokens": rng.randint(1, MAX_LEN - len(prompt) + 1), "temperature": rng.choice([0, 0.7]),
                   "seed": i}
-        request = engine.submit(prompt, params)
+        request = engine.submit(prompt, params, priority=int(rng.random() < 0.1))  # some preempt others
         requests.append(request)
         if rng.random() < 0.15:
             cancel_after[request.id] = rng.randint(0, 5)
@@ -200,8 +225,9 @@ def test_stress_mixed_requests_lose_nothing(small):
         if r.id in cancel_after and r.state == "cancelled":
             continue
         assert r.state == "finished" and len(r.tokens) == r.params.max_new_tokens, (r.state, r.error)
-    assert sum(r.state == "finished" for r in requests) >= 150
-    sample = [r for r in requests if r.state == "finished"][::25]
+    assert sum(r.state == "finished" for r in requests) >= 150 and sum(r.preemptions > 0 for r in requests) >= 5
+    finished = [r for r in requests if r.state == "finished"]
+    sample = finished[::25] + [r for r in finished if r.preemptions][:4]  # preempted ones resume unchanged
     assert [r.tokens for r in sample] == [_alone(small, r.prompt, r.params) for r in sample]
     assert torch.equal(engine.pool.lengths, torch.zeros(6, dtype=torch.long))
 

@@ -1,11 +1,12 @@
 """The engine: continuous batching of generation requests over a program's graphs.
 
-``Engine(executable, rows=8)`` (or ``Engine.open(folder_or_model_dir, target=...)``) owns a ``CachePool`` of ``rows`` sequence slots, a
-``Scheduler`` and a ``StepRunner``. ``submit`` checks a request and queues it; each ``step``
-admits what fits, decodes every running request by one token, prefills chunks of the
-oldest new prompts within the step's token budget, samples per request and retires finished, cancelled or failed requests
-(their rows go back to the pool at once). ``generate`` runs a list of requests to the end;
-``stream`` yields ``(request, token)`` as tokens are produced. Time per step is split into
+``Engine(executable, rows=8)`` (or ``Engine.open(folder_or_model_dir, target=...)``) owns a ``CachePool``
+of ``rows`` sequence slots, a ``Scheduler`` and a ``StepRunner``. ``submit`` checks a request and queues
+it; each ``step`` admits what fits, decodes every running request by one token, prefills chunks of the
+oldest new prompts within the step's token budget, samples per request and retires finished, cancelled
+or failed requests (their rows go back to the pool at once); a higher-``priority`` request preempts a
+running one by recompute when no row is free (``scheduler``). ``generate`` runs a list of requests to the
+end; ``stream`` yields ``(request, token)`` as tokens are produced. Time per step is split into
 ``stats``: scheduling, target calls, sampling.
 """
 
@@ -58,8 +59,9 @@ class Engine:
         return cls(get_target(target).compile(program), **options)
 
     def submit(self, prompt: list[int], params: SamplingParams | dict | None = None,
-               on_token: Callable[[Request, int], None] | None = None) -> Request:
-        """Queue a request; raises ``InferpassError`` naming the field at fault (nothing is queued then)."""
+               on_token: Callable[[Request, int], None] | None = None, priority: int = 0) -> Request:
+        """Queue a request (``priority``: higher runs first and may preempt lower ones, see ``scheduler``);
+        raises ``InferpassError`` naming the field at fault (nothing is queued then)."""
         try:
             params = params if isinstance(params, SamplingParams) else SamplingParams.model_validate(params or {})
         except ValidationError as exc:
@@ -77,7 +79,9 @@ class Engine:
             raise InferpassError(f"prompt: {len(ids)} tokens + max_new_tokens {params.max_new_tokens} need "
                                  f"{len(ids) + params.max_new_tokens - 1} cache positions; the program's max_len is "
                                  f"{max_len}")
-        request = Request(ids, params, on_token)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InferpassError(f"priority: an integer is needed, got {priority!r}")
+        request = Request(ids, params, on_token, priority)
         self.scheduler.add(request)
         return request
 
@@ -117,12 +121,13 @@ class Engine:
 
     def _prefill(self, request: Request, start: int, end: int, produced: list) -> None:
         try:
-            logits = self.runner.prefill(self.pool.row_of(request), torch.tensor([request.prompt[start:end]]))[0, -1]
+            context = request.context
+            logits = self.runner.prefill(self.pool.row_of(request), torch.tensor([context[start:end]]))[0, -1]
         except Exception as exc:  # noqa: BLE001
             self._fail(request, exc)
             return
         request.prefilled = end
-        if end == len(request.prompt):
+        if end == len(context):
             self.pool.start_decoding(request)
             request.state = "decode"
             self._emit(request, logits, produced)
