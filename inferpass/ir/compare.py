@@ -7,7 +7,8 @@ layout — two chunks, all rows then row 0 alone from where it stopped, so rows 
 second chunk starts mid-cache — and then every fixed-token-count graph runs a few steps of the same
 seeded tokens from that state (from a copy, so graphs do not see each other's writes). Each graph of
 ``got`` is compared with the graph of ``want`` that serves the same token count (``Program.graph_for``),
-on the first output of graphs whose first output is ``logits``; where both programs have the same cache
+on the first output of graphs whose first output is ``logits`` (early-exit drafts, which differ by design,
+are left out); where both programs have the same cache
 layout, the caches the prefill chunks wrote are compared too. Encoders: every graph on the same seeded
 inputs (``examples.example_inputs``).
 
@@ -184,7 +185,7 @@ def compare_programs(want: Runner, got: Runner, *, seed: int = 0, exact_within: 
     """One ``GraphGap`` per graph of ``got`` whose first output is logits (see module doc), in program order,
     then one for the prefilled caches where the layouts match, and a line saying what was compared."""
     wp, gp = want.program, got.program
-    compared = [n for n, r in gp.roles.items() if r.outputs[0] == "logits"]
+    compared = [n for n, r in gp.roles.items() if r.outputs[0] == "logits" and r.draft is None]
     if not gp.is_decoder:
         reference = wp.graph_for()
         inputs = example_inputs(wp, reference, seed=seed)

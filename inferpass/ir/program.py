@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 from torch.export import ExportedProgram
 
 BATCH = "batch"
@@ -82,6 +82,21 @@ class CacheLayout(BaseModel):
         return sum(t.nbytes(batch) for t in self.tensors)
 
 
+class DraftSpec(BaseModel):
+    """How the runtime uses a draft graph (pass ``early-exit``). ``length``: tokens drafted per row before
+    the whole model checks them in one ``length + 1``-token step. ``confidence``: a row stops drafting at
+    a token whose draft top-1 probability is below it (Kangaroo). ``exit_margin``: None = lossless
+    self-speculation (drafts are verified: greedy output is the base model's, sampled output has its
+    distribution); a number = lossy confidence exit (CALM): a drafted token whose top-1 − top-2
+    probability margin is at least this is kept unverified, the first one below it is replaced by the
+    whole model's token, and that step writes every layer's KV for all the positions drafted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    length: PositiveInt
+    confidence: float = Field(0.0, ge=0, le=1)
+    exit_margin: float | None = Field(None, ge=0)
+
+
 class GraphRole(BaseModel):
     """What a graph computes, declared by whoever adds the graph (capture, or a pass); the runtime, the
     verifier, example inputs, evaluation and every target read the role, never the graph's name.
@@ -94,7 +109,8 @@ class GraphRole(BaseModel):
     the blocks it runs; None = all ``ModelInfo.num_layers``. ``from_position``: a scheduled step
     (SkipDecode): it serves rows whose next position is at least this, in place of the whole-cache
     graph of its token count, over the caches of the layers it runs (see ``Program.schedule``);
-    None = not scheduled.
+    None = not scheduled. ``draft``: a draft step of early exit (the first ``layers`` and the model's
+    own final norm and LM head, over those layers' caches), used as ``DraftSpec`` says.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -103,6 +119,7 @@ class GraphRole(BaseModel):
     outputs: tuple[str, ...] = ("logits",)
     layers: tuple[int, ...] | None = None
     from_position: NonNegativeInt | None = None
+    draft: DraftSpec | None = None
 
 
 PREFILL = GraphRole(tokens="any")
@@ -183,11 +200,11 @@ class Program:
 
     def graph_for(self, tokens: int | None = None) -> str:
         """The graph that runs ``tokens`` tokens per row (None: any number) over every cache tensor (encoders:
-        none) and returns logits first; a graph of that fixed count is preferred over one of ``any``.
+        none) and returns logits first, not a draft; a graph of that fixed count is preferred over ``any``.
         Raises ``KeyError`` naming what is missing."""
         def serves(role: GraphRole, count) -> bool:
             caches = role.caches is None if self.is_decoder else role.caches == ()
-            return caches and role.tokens == count and role.outputs[0] == "logits"
+            return caches and role.tokens == count and role.outputs[0] == "logits" and role.draft is None
         for count in ((tokens, "any") if tokens is not None else ("any",)):
             for name, role in self.roles.items():
                 if serves(role, count):
@@ -203,6 +220,10 @@ class Program:
         staged = sorted((role.from_position, name) for name, role in self.roles.items()
                         if role.from_position is not None and role.tokens == tokens)
         return [self.graph_for(tokens), *(name for _, name in staged)]
+
+    def draft_graph(self) -> str | None:
+        """The early-exit draft graph (``GraphRole.draft``), if the program has one."""
+        return next((name for name, role in self.roles.items() if role.draft is not None), None)
 
     def graph_layers(self, graph: str) -> list[int]:
         """The blocks ``graph`` runs, ascending: its role's ``layers``, or all ``ModelInfo.num_layers``."""

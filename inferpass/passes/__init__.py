@@ -1,5 +1,6 @@
 """Passes and the pass manager. Importing this package registers the built-in passes."""
 
+from inferpass.passes import early_exit  # noqa: F401  (registers early-exit)
 from inferpass.passes import generic  # noqa: F401  (registers dce, cse, drop-unused-params)
 from inferpass.passes import kv_quant  # noqa: F401  (registers kv-quant)
 from inferpass.passes import layer_skip  # noqa: F401  (registers layer-skip)

@@ -97,16 +97,16 @@ def calibration_tokens(program: Program, text: str | Path | None, count: int, wi
     ids = torch.randint(0, program.info.vocab_size, (rows, 1), generator=gen)
     prefill, decode = program.graph_for(), program.graph_for(1)
     with progress.task("sampling calibration tokens", total=window - 1) as step:
-        logits, caches, _ = _run(program, prefill, ids, 0)
+        logits, caches, _ = run_graph(program, prefill, ids, 0)
         for position in range(1, window):
             probs = torch.softmax(logits[:, -1].float(), -1)
             ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], dim=1)
-            logits, caches, _ = _run(program, decode, ids[:, -1:], position, caches)
+            logits, caches, _ = run_graph(program, decode, ids[:, -1:], position, caches)
             step.advance()
     return ids
 
 
-def _run(program: Program, graph: str, ids: torch.Tensor, start: int, caches=None, nodes=()):
+def run_graph(program: Program, graph: str, ids: torch.Tensor, start: int, caches=None, nodes=()):
     """Run ``graph`` eagerly on ``ids`` after ``start`` cached positions (fresh caches when None): its
     logits, the caches it returns, and the values of ``nodes``."""
     if caches is None:
@@ -134,7 +134,7 @@ def calibration_bits(program: Program, tokens: torch.Tensor, batch: int = 8) -> 
     with torch.no_grad():
         for first in range(0, tokens.shape[0], batch):
             ids = tokens[first:first + batch]
-            logits, _, _ = _run(program, program.graph_for(), ids[:, :-1], 0)
+            logits, _, _ = run_graph(program, program.graph_for(), ids[:, :-1], 0)
             nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="sum")
             total, count = total + float(nll), count + ids[:, 1:].numel()
     return total / count / math.log(2)
@@ -206,11 +206,11 @@ def _measure(program: Program, tokens: torch.Tensor, decode_steps: int, batch: i
     with torch.no_grad(), progress.task("measuring block influence", total=calls * (1 + decode_steps)) as step:
         for first in range(0, tokens.shape[0], batch):
             ids = tokens[first:first + batch]
-            logits, caches, values = _run(program, prefill, ids, 0, None, nodes[prefill])
+            logits, caches, values = run_graph(program, prefill, ids, 0, None, nodes[prefill])
             record("prefill", prefill, values, ids.numel())
             step.advance()
             for position in range(window, window + decode_steps):
-                logits, caches, values = _run(program, decode, logits[:, -1:].argmax(-1), position, caches,
+                logits, caches, values = run_graph(program, decode, logits[:, -1:].argmax(-1), position, caches,
                                               nodes[decode])
                 record("decode", decode, values, ids.shape[0])
                 step.advance()

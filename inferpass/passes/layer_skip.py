@@ -186,7 +186,7 @@ class LayerSkip(Pass):
         cache_gone = set(chosen) if mode in ("blocks", "attention") else removed
         kept = tuple(t for t in program.cache.tensors if t.layer not in cache_gone)
         for graph in list(program.graphs):
-            _rewrite(program, graph, removed, set(chosen) - removed, mode, kept, kept)
+            rewrite_blocks(program, graph, removed, set(chosen) - removed, mode, kept, kept)
         program.cache = program.cache.model_copy(update={"tensors": kept})
 
     def _schedule(self, program: Program, order: list[int]) -> list[str]:
@@ -205,12 +205,12 @@ class LayerSkip(Pass):
             program.graphs[name] = copy_graph(program.graphs[decode])
             program.roles[name] = program.roles[decode].model_copy(update={"from_position": position})
             kept = tuple(t for t in program.cache.tensors if t.layer not in skip)
-            _rewrite(program, name, skip, set(), "blocks", kept, program.cache.tensors)
+            rewrite_blocks(program, name, skip, set(), "blocks", kept, program.cache.tensors)
             stages.append(f"from {position}: {len(present) - len(skip)} layers (skips {sorted(skip)})")
         return stages
 
 
-def _rewrite(program: Program, graph: str, removed: set[int], zeroed: set[int], mode: str, kept, layout) -> None:
+def rewrite_blocks(program: Program, graph: str, removed: set[int], zeroed: set[int], mode: str, kept, layout) -> None:
     """Edit ``graph``: bypass the ``removed`` blocks, zero the ``mode``'s branch of the ``zeroed`` ones, and
     close its cache I/O over the ``kept`` tensors it reads; ``layout``: the cache layout's tensors after
     the pass (a graph reading all of them keeps ``caches=None``)."""

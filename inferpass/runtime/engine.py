@@ -8,6 +8,14 @@ or failed requests (their rows go back to the pool at once); a higher-``priority
 running one by recompute when no row is free (``scheduler``). ``generate`` runs a list of requests to the
 end; ``stream`` yields ``(request, token)`` as tokens are produced. Time per step is split into
 ``stats``: scheduling, target calls, sampling.
+
+A program with an early-exit draft graph (pass ``early-exit``) decodes self-speculatively where the
+``speculation`` policy says it pays (``auto``: measured per decode-batch bucket; ``always``; ``never``):
+every decoding row drafts at its own pace, one verify step checks all of them, and each row keeps what
+it accepted (``runtime.speculation``; greedy output is plain decoding's). ``stats`` then counts drafted
+and accepted tokens. Seeded sampling is reproducible alone or batched under ``always`` or ``never``;
+under ``auto`` the policy's choices (timing-dependent) change which random draws a request makes, not
+the distribution of its tokens.
 """
 
 from __future__ import annotations
@@ -27,14 +35,16 @@ from inferpass.runtime.cache_pool import CachePool
 from inferpass.runtime.generator import token_id
 from inferpass.runtime.sampling import SamplingParams, sample
 from inferpass.runtime.scheduler import Request, Scheduler, Step
-from inferpass.runtime.step_runner import StepRunner
+from inferpass.runtime.speculation import Draft, SpeculationPolicy, accept, propose
+from inferpass.runtime.step_runner import StepRunner, decode_bucket
 from inferpass.targets.base import Executable, get_target
 
 
 class Engine:
     """Continuous batching over ``executable`` (a decoder program) with ``rows`` cache slots."""
 
-    def __init__(self, executable: Executable, *, rows: int = 8, prefill_chunk: int = 256, step_tokens: int = 1024):
+    def __init__(self, executable: Executable, *, rows: int = 8, prefill_chunk: int = 256, step_tokens: int = 1024,
+                 speculation: str = "auto"):
         program = executable.program
         if not program.is_decoder:
             raise InferpassError(f"{program.info.architecture} is not a decoder; nothing to generate")
@@ -42,7 +52,19 @@ class Engine:
         self.pool = CachePool(program.cache, rows, executable.device)
         self.scheduler = Scheduler(self.pool, prefill_chunk, step_tokens)
         self.runner = StepRunner(executable, self.pool)
-        self.stats = {"steps": 0, "schedule_s": 0.0, "sampling_s": 0.0}
+        try:
+            self.policy = SpeculationPolicy(speculation)
+        except ValueError as exc:
+            raise InferpassError(f"speculation: {exc}") from None
+        self.draft = program.draft_graph()
+        if self.draft is not None and not program.cache.supports_rollback:
+            raise InferpassError("this program has an early-exit draft graph but a cache that cannot be rolled back "
+                                 "(kv-quant after early-exit); put kv-quant before early-exit or leave one out")
+        if self.draft is not None:
+            self.spec = program.roles[self.draft].draft
+            self.verify = program.graph_for(self.spec.length + 1)
+        self.stats = {"steps": 0, "schedule_s": 0.0, "sampling_s": 0.0, "verify_steps": 0, "verified_rows": 0,
+                      "drafted": 0, "accepted": 0}
 
     @classmethod
     def open(cls, path: str | Path, *, target: str = "eager", max_len: int | None = None, **options) -> "Engine":
@@ -110,14 +132,64 @@ class Engine:
         return produced
 
     def _decode(self, plan: Step, produced: list) -> None:
+        requests, before = plan.decode, len(produced)
+        bucket = decode_bucket(len(requests), self.pool.rows)
+        drafting = self.draft is not None and self._verify_fits() and self.policy.drafts(bucket)
+        t0 = time.perf_counter()
         try:
-            logits = self.runner.decode([r.tokens[-1] for r in plan.decode])
+            if drafting:
+                emitted = self._speculate(requests)
+            else:
+                logits = self.runner.decode([r.tokens[-1] for r in requests])
         except Exception as exc:  # noqa: BLE001  (a target failure fails the requests of this step, not the engine)
-            for request in plan.decode:
+            for request in requests:
                 self._fail(request, exc)
             return
-        for request, row in zip(plan.decode, logits):
-            self._emit(request, row, produced)
+        for i, request in enumerate(requests):
+            if not drafting:
+                self._emit(request, logits[i], produced)
+                continue
+            for token in emitted[i]:
+                if request.done:
+                    break
+                self._append(request, token, produced)
+        self.policy.record(bucket, drafting, time.perf_counter() - t0, len(produced) - before)
+
+    def _verify_fits(self) -> bool:
+        """Whether a verify step fits every row it may run over (decoding rows and the rows padding them)."""
+        return int(self.pool.lengths.max()) + self.spec.length + 1 <= self.program.cache.max_len
+
+    def _speculate(self, requests: list[Request]) -> list[list[int]]:
+        """Draft for every decoding row, verify in one step, roll each row back to what it kept; the tokens
+        each row emits (``runtime.speculation``)."""
+        pool, spec, n = self.pool, self.spec, len(requests)
+        base = pool.lengths[:n].clone()
+        limits = [min(spec.length, r.params.max_new_tokens - len(r.tokens) - 1) for r in requests]
+        drafts = [Draft(open=limit > 0) for limit in limits]
+        current = [r.tokens[-1] for r in requests]
+        while any(d.open for d in drafts):
+            logits = self.runner.decode(current, self.draft)  # writes layers < E's KV, lengths + 1
+            t0 = time.perf_counter()
+            for i, (request, draft) in enumerate(zip(requests, drafts)):
+                if draft.open:
+                    propose(logits[i], draft, spec, request.params, request.generator)
+                    draft.open = draft.open and len(draft.tokens) < limits[i]
+                    current[i] = draft.tokens[-1] if draft.tokens else current[i]
+            self.stats["sampling_s"] += time.perf_counter() - t0
+        pool.lengths[:n] = base
+        width = spec.length + 1
+        ids = torch.tensor([[r.tokens[-1], *d.tokens] + [0] * (width - 1 - len(d.tokens))
+                            for r, d in zip(requests, drafts)])
+        logits = self.runner.steps(ids, self.verify)
+        t0 = time.perf_counter()
+        emitted = [accept(d, logits[i], spec, r.params, r.generator) for i, (r, d) in enumerate(zip(requests, drafts))]
+        self.stats["sampling_s"] += time.perf_counter() - t0
+        pool.lengths[:n] = base + torch.tensor([len(tokens) for tokens in emitted])  # the last token and kept drafts
+        self.stats["verify_steps"] += 1
+        self.stats["verified_rows"] += n
+        self.stats["drafted"] += sum(len(d.tokens) for d in drafts)
+        self.stats["accepted"] += sum(len(tokens) - 1 for tokens in emitted)
+        return emitted
 
     def _prefill(self, request: Request, start: int, end: int, produced: list) -> None:
         try:
@@ -136,6 +208,9 @@ class Engine:
         t0 = time.perf_counter()
         token = sample(logits, request.params, request.generator)
         self.stats["sampling_s"] += time.perf_counter() - t0
+        self._append(request, token, produced)
+
+    def _append(self, request: Request, token: int, produced: list) -> None:
         request.tokens.append(token)
         produced.append((request, token))
         if request.on_token is not None:

@@ -25,10 +25,9 @@ class SamplingParams(BaseModel):
     stop: tuple[str, ...] = ()
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token id from ``logits`` ``[V]`` (any float dtype, on the host) under ``params``."""
-    if params.temperature == 0:
-        return int(logits.argmax())
+def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The probabilities ``[V]`` (fp32) a sampled request (``temperature > 0``) draws from: ``logits`` ``[V]``
+    over the temperature, filtered by ``top_k`` and ``top_p``."""
     scores = logits.float() / params.temperature
     if params.top_k is not None and params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
@@ -38,4 +37,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         probs = torch.softmax(ordered, -1)
         outside = probs.cumsum(-1) - probs >= params.top_p  # tokens after the nucleus is complete
         scores = scores.scatter(0, order[outside], float("-inf"))
-    return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
+    return torch.softmax(scores, -1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token id from ``logits`` ``[V]`` (any float dtype, on the host) under ``params``."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(distribution(logits, params), 1, generator=generator))

@@ -12,8 +12,9 @@ A prefill chunk runs on the views of its rows. Where the program has a decode sc
 furthest stage one of its rows has reached, over that graph's caches only (a batch-uniform budget
 that no row ever exceeds again). Logits come back to the host; the cache
 inputs are handed over (``Executable.step``), so targets that can write them in place do. ``seconds`` adds up
-the time spent in target calls, ``decode_s`` / ``prefill_s`` its split, ``decode_rows`` the rows decoded
-(so ``decode_rows / decodes`` is the mean decode batch).
+the time spent in target calls, ``decode_s`` / ``prefill_s`` its split (``draft_s``: the early-exit draft
+steps' part of ``decode_s``), ``decode_rows`` the rows decoded (so ``decode_rows / decodes`` is the mean
+decode batch).
 """
 
 from __future__ import annotations
@@ -40,23 +41,31 @@ class StepRunner:
         self.executable = executable
         self.program = executable.program
         self.pool = pool
-        self.seconds = self.decode_s = self.prefill_s = 0.0
+        self.seconds = self.decode_s = self.prefill_s = self.draft_s = 0.0
         self.decodes = self.decode_rows = self.prefills = 0
         self._schedules: dict[int, tuple[list[str], list[int]]] = {}  # tokens -> graphs, their start positions
         self._tensors: dict[str, list[int]] = {}
 
-    def decode(self, tokens: list[int]) -> torch.Tensor:
-        """Feed ``tokens[i]`` to decoding row ``i``; logits ``[n, V]``."""
-        pool, count = self.pool, len(tokens)
+    def decode(self, tokens: list[int], graph: str | None = None) -> torch.Tensor:
+        """Feed ``tokens[i]`` to decoding row ``i`` (through ``graph``: default by role and schedule); logits
+        ``[n, V]``."""
+        return self.steps(torch.tensor(tokens)[:, None], graph)[:, -1]
+
+    def steps(self, ids: torch.Tensor, graph: str | None = None) -> torch.Tensor:
+        """Feed ``ids`` ``[n, S]`` to decoding rows ``[0, n)`` after their written positions, padded as the module
+        doc says (a one-token decode, a draft, an ``S``-token verify step); logits ``[n, S, V]``."""
+        pool, (count, tokens) = self.pool, ids.shape
         spare = pool.rows - count if pool.layout.accepts_padding else pool.free if pool.used == count else 0
         batch = min(decode_bucket(count, pool.rows), count + spare) if self.executable.shape_specialized else count
-        ids = torch.zeros(batch, 1, dtype=torch.long)
-        ids[:count, 0] = torch.tensor(tokens)
+        padded = torch.zeros(batch, tokens, dtype=torch.long)
+        padded[:count] = ids
         t0 = self.seconds
-        logits = self._run(ids, 0, batch, count)
+        logits = self._run(padded, 0, batch, count, graph)
         self.decode_s += self.seconds - t0
+        if graph is not None and graph == self.program.draft_graph():
+            self.draft_s += self.seconds - t0
         self.decodes, self.decode_rows = self.decodes + 1, self.decode_rows + count
-        return logits[:count, -1]
+        return logits[:count]
 
     def prefill(self, first: int, ids: torch.Tensor) -> torch.Tensor:
         """Feed ``ids`` ``[n, S]`` to rows ``[first, first + n)`` after their written positions; logits
@@ -68,10 +77,10 @@ class StepRunner:
         self.prefills += 1
         return logits
 
-    def _run(self, ids: torch.Tensor, first: int, batch: int, count: int) -> torch.Tensor:
+    def _run(self, ids: torch.Tensor, first: int, batch: int, count: int, graph: str | None = None) -> torch.Tensor:
         tokens = ids.shape[1]
         start = self.pool.lengths[first:first + batch].clone()
-        graph, stage = self._graph(tokens, first, count, int(start[:count].max()))
+        graph, stage = (graph, 0) if graph else self._graph(tokens, first, count, int(start[:count].max()))
         tensors = self._tensors.get(graph)
         if tensors is None:
             index = {t.name: i for i, t in enumerate(self.pool.layout.tensors)}
