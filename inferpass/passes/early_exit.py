@@ -122,8 +122,9 @@ class EarlyExit(Pass):
         if not program.cache.supports_rollback:
             raise PipelineError(f"pass '{self.name}': this program's cache cannot be rolled back (a quantized "
                                 "cache); put early-exit before kv-quant in the pipeline or leave kv-quant out")
-        if len(layers) < 2:
-            raise PipelineError(f"pass '{self.name}': the model has {len(layers)} layer; a draft needs at least 2")
+        if len(layers) < 2 and cfg.exit_layer == "auto":
+            raise PipelineError(f"pass '{self.name}': the model has {len(layers)} layer; calibrating an exit needs "
+                                "at least 2 (give exit_layer and draft_len)")
         if cfg.exit_layer != "auto" and cfg.exit_layer > len(layers):
             raise PipelineError(f"pass '{self.name}': exit_layer {cfg.exit_layer} is beyond the model's "
                                 f"{len(layers)} layers (1..{len(layers)})")
