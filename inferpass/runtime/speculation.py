@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inferpass.ir.program import DraftSpec
-from inferpass.runtime.sampling import SamplingParams, distribution
+from inferpass.runtime.sampling import SamplingParams, distribution, sample
 
 
 @dataclass
@@ -66,7 +66,7 @@ def accept(draft: Draft, verify_logits: torch.Tensor, spec: DraftSpec, params: S
     its ``m`` drafts."""
     tokens = draft.tokens
     if spec.exit_margin is not None:
-        return tokens + [_next(verify_logits[len(tokens)], params, generator)]
+        return tokens + [sample(verify_logits[len(tokens)], params, generator)]
     if params.temperature == 0:
         best = verify_logits[:len(tokens) + 1].argmax(-1).tolist()
         kept = next((j for j, t in enumerate(tokens) if best[j] != t), len(tokens))
@@ -78,13 +78,7 @@ def accept(draft: Draft, verify_logits: torch.Tensor, spec: DraftSpec, params: S
             total = residual.sum()
             choice = residual / total if total > 0 else p
             return tokens[:j] + [int(torch.multinomial(choice, 1, generator=generator))]
-    return tokens + [_next(verify_logits[len(tokens)], params, generator)]
-
-
-def _next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    if params.temperature == 0:
-        return int(logits.argmax())
-    return int(torch.multinomial(distribution(logits, params), 1, generator=generator))
+    return tokens + [sample(verify_logits[len(tokens)], params, generator)]
 
 
 class SpeculationPolicy:

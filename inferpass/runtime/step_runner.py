@@ -41,6 +41,7 @@ class StepRunner:
         self.executable = executable
         self.program = executable.program
         self.pool = pool
+        self._draft = self.program.draft_graph()
         self.seconds = self.decode_s = self.prefill_s = self.draft_s = 0.0
         self.decodes = self.decode_rows = self.prefills = 0
         self._schedules: dict[int, tuple[list[str], list[int]]] = {}  # tokens -> graphs, their start positions
@@ -62,7 +63,7 @@ class StepRunner:
         t0 = self.seconds
         logits = self._run(padded, 0, batch, count, graph)
         self.decode_s += self.seconds - t0
-        if graph is not None and graph == self.program.draft_graph():
+        if graph is not None and graph == self._draft:
             self.draft_s += self.seconds - t0
         self.decodes, self.decode_rows = self.decodes + 1, self.decode_rows + count
         return logits[:count]
